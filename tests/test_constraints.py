@@ -1,0 +1,114 @@
+"""Constraints from tags, region constraints and box maps, against hand-written values."""
+
+import math
+
+import pytest
+import torch
+
+from ccnn.constraints import RegionConstraints, box_weights, tag_bounds
+
+INF = math.inf
+
+
+def test_tag_bounds_match_ccnn_constants():
+    # image 0: background + classes 2 and 3; image 1: background only.
+    tags = torch.tensor([[1, 0, 1, 1], [1, 0, 0, 0]])
+    lower, upper, slack = tag_bounds(tags)
+    assert lower.tolist() == [[0.3, 0.0, 0.05, 0.05], [0.3, 0.0, 0.0, 0.0]]
+    # The background upper bound applies only when a foreground tag is present.
+    assert upper.tolist() == [[0.7, 0.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]]
+    assert slack.tolist() == [[INF, INF, 2.0, 2.0], [INF, INF, INF, INF]]
+
+
+def test_index_lists_equal_multi_hot_tags():
+    as_lists = tag_bounds([[0, 2, 3], [0]], num_classes=4)
+    as_tensor = tag_bounds(torch.tensor([[1, 0, 1, 1], [1, 0, 0, 0]]))
+    for a, b in zip(as_lists, as_tensor, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_background_is_present_even_without_its_tag():
+    lower, upper, _ = tag_bounds([[1]], num_classes=3)
+    assert lower.tolist() == [[0.3, 0.05, 0.0]]
+    assert upper.tolist() == [[0.7, 1.0, 0.0]]
+
+
+def test_size_information_changes_the_bounds():
+    tags = torch.tensor([[1, 1, 1, 0]])
+    sizes = torch.tensor([[0.6, 0.35, 0.05, 0.0]])
+    lower, upper, slack = tag_bounds(tags, sizes=sizes)
+    # class 2 covers 5% < 10%: treated as absent; class 1 gets the larger lower bound.
+    assert lower.tolist() == [[0.2, 0.1, 0.0, 0.0]]
+    assert upper.tolist() == [[0.7, 1.0, 0.0, 0.0]]
+    assert slack[0, 1] == 2.0 and math.isinf(slack[0, 0])
+
+
+def test_without_background_every_tag_is_foreground():
+    lower, upper, _ = tag_bounds([[0, 1]], num_classes=3, background=None, fg_lower=0.2)
+    assert lower.tolist() == [[0.2, 0.2, 0.0]]
+    assert upper.tolist() == [[1.0, 1.0, 0.0]]
+
+
+def test_constants_are_keyword_arguments():
+    lower, upper, slack = tag_bounds([[0, 1]], num_classes=2, bg_lower=0.1, bg_upper=0.5,
+                                     fg_lower=0.25, fg_slack=7.0, bg_slack=3.0)
+    assert lower.tolist() == [[0.1, 0.25]]
+    assert upper.tolist() == [[0.5, 1.0]]
+    assert slack.tolist() == [[3.0, 7.0]]
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: tag_bounds(torch.tensor([[0, 2]])), "only 0 and 1"),
+        (lambda: tag_bounds(torch.zeros(2, 3), num_classes=4), "num_classes=4"),
+        (lambda: tag_bounds(torch.zeros(3)), r"\(B, L\)"),
+        (lambda: tag_bounds([[5]], num_classes=3), "tag 5 of image 0"),
+        (lambda: tag_bounds([[1]]), "num_classes is required"),
+        (lambda: tag_bounds([[1]], num_classes=2, fg_lower=1.5), "fg_lower"),
+        (lambda: tag_bounds([[1]], num_classes=2, fg_slack=-1.0), "fg_slack"),
+        (lambda: tag_bounds([[1]], num_classes=2, bg_lower=0.8), "crossed"),
+        (lambda: tag_bounds([[1]], num_classes=2, background=4), "background=4"),
+        (lambda: tag_bounds([[1]], num_classes=2, sizes=torch.zeros(1, 3)), "sizes must have"),
+        (lambda: tag_bounds([[1]], num_classes=2, sizes=torch.full((1, 2), 2.0)), "fractions"),
+    ],
+)
+def test_tag_bounds_reject_bad_input(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_box_weights_mark_the_box():
+    w = box_weights(torch.tensor([[[1, 0, 3, 2]]]), height=3, width=4)
+    expected = torch.tensor([[0, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 0]], dtype=torch.float32)
+    assert torch.equal(w[0, 0], expected)
+
+
+def test_region_constraints_broadcast_and_normalise():
+    w = torch.zeros(2, 1, 2, 2)
+    w[:, 0, 0, 0] = 3.0
+    w[:, 0, 1, 1] = 1.0
+    rc = RegionConstraints(w, classes=torch.tensor([1]), lower=0.5)
+    assert rc.classes.shape == (2, 1) and rc.lower.shape == (2, 1)
+    assert torch.isinf(rc.slack).all() and (rc.upper == 1).all()
+    # Scaled to sum to N = 4: the rows of N·A.
+    assert rc.normalized_weights()[0, 0].tolist() == [3.0, 0.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"weights": -torch.ones(1, 1, 2, 2)}, "non-negative"),
+        ({"weights": torch.zeros(1, 1, 2, 2)}, "empty region"),
+        ({"weights": torch.ones(1, 2, 2)}, r"\(B, R, H, W\)"),
+        ({"classes": torch.tensor([0.5])}, "integers"),
+        ({"classes": torch.tensor([0, 1, 2])}, "classes has shape"),
+        ({"lower": 0.8, "upper": 0.2}, "lower > upper"),
+        ({"lower": 1.5}, r"RegionConstraints.lower must lie"),
+        ({"slack": -1.0}, r"RegionConstraints.slack must lie"),
+    ],
+)
+def test_region_constraints_reject_bad_input(kwargs, match):
+    args = {"weights": torch.ones(1, 1, 2, 2), "classes": torch.tensor([0])} | kwargs
+    with pytest.raises(ValueError, match=match):
+        RegionConstraints(**args)
