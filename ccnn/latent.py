@@ -26,7 +26,10 @@ P.  Two methods minimise it, batched over images with different constraint sets:
   product over the present classes only.
 * ``"pgd"``: CCNN's own rule, projected gradient on (μ, ν) with an adaptive step (start 1e5,
   ×1.1 after a decrease, ×0.5 after a rejection, stop below 1e-8; both in the original code's
-  sum-normalised units), kept as the faithful baseline.
+  sum-normalised units), evaluating the dual as CCNN's code does — a log-sum-exp over the present
+  classes at every pixel and step — kept as the faithful baseline.
+
+Images leave the batch as they converge, so each costs only its own iterations.
 
 Both stop when the natural KKT residual ``‖λ − prox(λ − ∇)‖∞`` is at most ``tol``.
 """
@@ -46,6 +49,8 @@ __all__ = ["METHODS", "LatentResult", "latent_objective", "solve_latent"]
 
 Method = Literal["newton", "pgd"]
 METHODS: tuple[str, ...] = ("newton", "pgd")
+Evaluation = Literal["auto", "factored", "direct"]
+EVALUATIONS: tuple[str, ...] = ("auto", "factored", "direct")
 
 _DTYPE = torch.float64  # working precision of the dual, whatever the logits' dtype
 _LAMBDA_CAP = 300.0  # |λ| bound used while iterating on hard constraints (exp(300) is safe in fp64)
@@ -184,8 +189,8 @@ class _Compact:
     idx: Tensor  # (B, K) class index of each compact row (padding points at suppressed classes)
     valid: Tensor  # (B, K) real rows
     box: _Box
-    region_class: Tensor | None  # (B, R) compact row of each region, -1 when suppressed
-    region_weights: Tensor | None  # (B, R, N) weights scaled to sum to N
+    region_class: Tensor  # (B, R) compact row of each region, -1 when suppressed (R may be 0)
+    region_weights: Tensor  # (B, R, N) weights scaled to sum to N
 
 
 def _compact(logits: Tensor, lower: Tensor, upper: Tensor, slack: Tensor,
@@ -215,7 +220,9 @@ def _compact(logits: Tensor, lower: Tensor, upper: Tensor, slack: Tensor,
             f"{infeasible.nonzero().flatten().tolist()}: the lower bounds of the present classes "
             "must sum to at most 1 and their upper bounds to at least 1; give them finite slack"
         )
-    region_class = region_weights = None
+    N = f.shape[-1]
+    region_class = torch.zeros(B, 0, dtype=torch.long, device=f.device)
+    region_weights = f.new_zeros(B, 0, N)
     if regions is not None:
         pos = torch.empty_like(order).scatter_(
             1, order, torch.arange(L, device=order.device).expand(B, -1))
@@ -297,7 +304,11 @@ class _ClassSums(_PerImage):
 
 
 class _Weighted(_PerImage):
-    """The dual with region constraints: ``s_il = λ_l + Σ_r λ_r·N·w_ri·[c_r = l]``."""
+    """The dual evaluated directly at every pixel, with region constraints if any.
+
+    The shift is ``s_il = λ_l + Σ_r λ_r·N·w_ri·[c_r = l]``; with no regions this is CCNN's own
+    evaluation, a log-sum-exp over the present classes at every pixel.
+    """
 
     def __init__(self, f: Tensor, region_class: Tensor, region_weights: Tensor) -> None:
         K = f.shape[1]
@@ -356,21 +367,36 @@ _Evaluator = _ClassSums | _Weighted
 
 
 class _Progress:
-    """Per-image bookkeeping of a batched iteration that drops images as they finish."""
+    """Per-image bookkeeping of a batched iteration.
+
+    Images are recorded as they finish; they leave the working batch (a copy of every per-image
+    tensor) only once a quarter of it has finished, so the copies cost less than they save.
+    """
 
     def __init__(self, lam: Tensor) -> None:
         self.lam = torch.zeros_like(lam)
         self.iterations = torch.zeros(lam.shape[0], dtype=torch.long, device=lam.device)
         self.rows = torch.arange(lam.shape[0], device=lam.device)
+        self.open = torch.ones(lam.shape[0], dtype=torch.bool, device=lam.device)
 
-    def retire(self, finished: Tensor, lam: Tensor, iteration: int) -> Tensor:
-        """Store the multipliers of the finished images; return the mask of those that go on."""
-        done_rows = self.rows[finished]
-        self.lam[done_rows] = lam[finished]
-        self.iterations[done_rows] = iteration
-        keep = ~finished
-        self.rows = self.rows[keep]
+    def update(self, finished: Tensor, lam: Tensor, iteration: int) -> Tensor | None:
+        """Record the newly finished images; return a mask of rows to keep when it is time to
+        narrow the batch, else ``None``.  ``self.open`` is all false once every image is done."""
+        new = finished & self.open
+        if bool(new.any()):
+            self.lam[self.rows[new]] = lam[new]
+            self.iterations[self.rows[new]] = iteration
+            self.open = self.open & ~new
+        if not bool(self.open.any()) or 4 * int(self.open.sum()) > 3 * self.open.numel():
+            return None
+        keep = self.open
+        self.rows, self.open = self.rows[keep], self.open[keep]
         return keep
+
+    @property
+    def done(self) -> bool:
+        """Whether every image has finished."""
+        return not bool(self.open.any())
 
 
 def _newton_direction(lam: Tensor, m: Tensor, H: Tensor, res: Tensor, box: _Box
@@ -422,15 +448,15 @@ def _newton(ev: _Evaluator, box: _Box, tol: float, max_iter: int) -> tuple[Tenso
     stalled = torch.zeros_like(F, dtype=torch.bool)
     for it in range(max_iter + 1):
         res = box.residual(lam, m)
-        finished = (res <= tol) | stalled | (it == max_iter)
-        if bool(finished.any()):
-            keep = progress.retire(finished, lam, it)
-            if not bool(keep.any()):
-                break
+        keep = progress.update((res <= tol) | stalled | (it == max_iter), lam, it)
+        if progress.done:
+            break
+        if keep is not None:
             ev, box = ev.select(keep), box.select(keep)
             lam, m, H, F, res = lam[keep], m[keep], H[keep], F[keep], res[keep]
             stalled = stalled[keep]
         d, g, side, held = _newton_direction(lam, m, H, res, box)
+        d = torch.where(progress.open[:, None], d, 0.0)  # finished images stay where they are
         allowance = 1e-12 * (1.0 + F.abs())  # rounding allowance in the Armijo test
         # The full step, with everything the next iteration needs (usually accepted).
         trial = _project(lam + d, side, held, box)
@@ -474,10 +500,10 @@ def _pgd(ev: _Evaluator, box: _Box, tol: float, max_iter: int) -> tuple[Tensor, 
     for it in range(max_iter + 1):
         finished = ((box.residual(mu - nu, m) <= tol) | (step.squeeze(1) < _PGD_MIN_STEP / N)
                     | (it == max_iter))
-        if bool(finished.any()):
-            keep = progress.retire(finished, mu - nu, it)
-            if not bool(keep.any()):
-                break
+        keep = progress.update(finished, mu - nu, it)
+        if progress.done:
+            break
+        if keep is not None:
             ev, box = ev.select(keep), box.select(keep)
             mu, nu, step, m, F = mu[keep], nu[keep], step[keep], m[keep], F[keep]
         zero = torch.zeros_like(box.cap)
@@ -508,6 +534,7 @@ def solve_latent(
     method: Method = "newton",
     tol: float = 1e-6,
     max_iter: int | None = None,
+    evaluation: Evaluation = "auto",
 ) -> LatentResult:
     """Latent distribution P closest in KL to ``softmax(logits)`` under fraction bounds.
 
@@ -524,6 +551,10 @@ def solve_latent(
         method: ``"newton"`` (projected Newton, default) or ``"pgd"`` (CCNN's projected gradient).
         tol: tolerance on the natural KKT residual.
         max_iter: iteration limit (default 100 for ``"newton"``, 3000 for ``"pgd"``).
+        evaluation: how the dual is evaluated: ``"factored"`` (one exponential pass, then
+            matrix products; whole-image bounds only), ``"direct"`` (a log-sum-exp at every pixel
+            and step, as CCNN's code does), or ``"auto"``: factored for ``"newton"`` without
+            regions, direct otherwise — so ``"pgd"`` stays CCNN's computation, step for step.
 
     Returns:
         A :class:`LatentResult`.
@@ -542,6 +573,10 @@ def solve_latent(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if evaluation not in EVALUATIONS:
+        raise ValueError(f"evaluation must be one of {EVALUATIONS}, got {evaluation!r}")
+    if evaluation == "factored" and regions is not None:
+        raise ValueError("evaluation='factored' needs whole-image bounds only (no regions)")
     if not tol >= 0:
         raise ValueError(f"tol must be >= 0, got {tol}")
     if max_iter is None:
@@ -551,8 +586,10 @@ def solve_latent(
     lower, upper, slack = _check_bounds(logits, lower, upper, slack, regions)
     B, L, H, W = logits.shape
     prob = _compact(logits, lower, upper, slack, regions)
-    if regions is None:
-        ev: _ClassSums | _Weighted = _ClassSums(prob.f)
+    if evaluation == "auto":
+        evaluation = "factored" if method == "newton" and regions is None else "direct"
+    if evaluation == "factored":
+        ev: _Evaluator = _ClassSums(prob.f)
     else:
         ev = _Weighted(prob.f, prob.region_class, prob.region_weights)
     solver = _newton if method == "newton" else _pgd

@@ -94,6 +94,17 @@ def test_methods_agree(problems):
     torch.testing.assert_close(newton.P, pgd.P, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("evaluation", ["factored", "direct"])
+def test_both_evaluations_of_the_dual_agree(problems, method, evaluation):
+    logits, _, bounds, _ = problems[2]
+    reference = solve_latent(logits, *bounds, tol=1e-10)
+    r = solve_latent(logits, *bounds, method=method, evaluation=evaluation,
+                     tol=1e-10 if method == "newton" else 1e-7)
+    assert r.converged.all()
+    torch.testing.assert_close(r.P, reference.P, atol=1e-5 if method == "pgd" else 1e-9, rtol=0)
+
+
 def region_problem():
     logits, tags, bounds = random_problem(4, 4, 6, 6, present=(2, 3), scale=(1.0, 5.0),
                                           seed=7, dtype=torch.float64)
@@ -259,6 +270,10 @@ def with_value(index, value):
         ((GOOD, torch.tensor([[0.6, 0.6, 0.0]] * 2), UP.clamp(min=0.6)), {}, "infeasible"),
         ((GOOD, LOW, UP), {"method": "cg"}, "method must be one of"),
         ((GOOD, LOW, UP), {"tol": -1.0}, "tol must be"),
+        ((GOOD, LOW, UP), {"evaluation": "fast"}, "evaluation must be one of"),
+        ((GOOD, LOW, UP), {"evaluation": "factored",
+                           "regions": RegionConstraints(torch.ones(2, 1, 4, 4), [0])},
+         "needs whole-image bounds"),
         ((GOOD, LOW, UP), {"regions": RegionConstraints(torch.ones(2, 1, 3, 3), [0])},
          "region weights have shape"),
         ((GOOD, LOW, UP), {"regions": RegionConstraints(torch.ones(2, 1, 4, 4), [7])},

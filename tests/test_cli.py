@@ -1,0 +1,47 @@
+"""The ``ccnn`` command line: ``ccnn check`` against CVXPY."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ccnn.cli import main
+
+
+def test_check_passes_and_prints_the_table(capsys):
+    assert main(["check", "--instances", "3", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "max|dfrac|" in out and "all 6 solves agree with CVXPY/SCS" in out
+    assert out.count(" newton ") == 3 and out.count(" pgd ") == 3
+
+
+def test_check_fails_when_the_tolerance_cannot_be_met(capsys):
+    # No two solvers agree to 1e-15 in the class fractions: every row must be flagged.
+    assert main(["check", "--instances", "2", "--fraction-tol", "1e-15"]) == 1
+    assert "DISAGREEMENT in 4 of 4 solves" in capsys.readouterr().out
+
+
+def test_check_writes_json(tmp_path):
+    path = tmp_path / "sub" / "check.json"
+    assert main(["check", "--instances", "2", "--methods", "newton", "--solver", "CLARABEL",
+                 "--json", str(path)]) == 0
+    data = json.loads(path.read_text())
+    assert [r["method"] for r in data["rows"]] == ["newton", "newton"]
+    assert data["worst"]["max_dfraction"] <= 1e-4
+
+
+def test_check_rejects_unknown_method(capsys):
+    assert main(["check", "--methods", "newton,sgd"]) == 2
+    assert "unknown method(s) ['sgd']" in capsys.readouterr().err
+
+
+def test_console_script_runs():
+    out = subprocess.run([sys.executable, "-m", "ccnn.cli", "--version"], capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.startswith("ccnn ")
+
+
+def test_command_is_required():
+    with pytest.raises(SystemExit):
+        main([])
