@@ -214,6 +214,13 @@ class RegionConstraints:
         object.__setattr__(self, "upper", upper)
         object.__setattr__(self, "slack", slack)
 
+    def to(self, device: torch.device | str) -> RegionConstraints:
+        """The same constraints with every tensor on ``device`` (``self`` if already there)."""
+        if self.weights.device == torch.device(device):
+            return self
+        return RegionConstraints(*(t.to(device) for t in (self.weights, self.classes, self.lower,
+                                                           self.upper, self.slack)))
+
     @property
     def num_regions(self) -> int:
         """R, the number of regions per image."""

@@ -20,7 +20,7 @@ whose smooth part has gradient ``m(P)`` and Hessian the covariance of the constr
 P.  Two methods minimise it, batched over images with different constraint sets:
 
 * ``"newton"`` (default): a projected Newton method on the piecewise-smooth dual — free
-  multipliers take a Levenberg–Marquardt-damped Newton step, those pinned at 0 or ±β stay, and an
+  multipliers take a Levenberg–Marquardt-damped Newton step, those held at 0 or ±β stay, and an
   Armijo search along the projected arc keeps every step a descent step.  For whole-image bounds
   the dual factorises (``s_il = λ_l``), so after one exponential pass each evaluation is a matrix
   product over the present classes only.
@@ -29,9 +29,9 @@ P.  Two methods minimise it, batched over images with different constraint sets:
   sum-normalised units), evaluating the dual as CCNN's code does — a log-sum-exp over the present
   classes at every pixel and step — kept as the faithful baseline.
 
-Images leave the batch as they converge, so each costs only its own iterations.
-
-Both stop when the natural KKT residual ``‖λ − prox(λ − ∇)‖∞`` is at most ``tol``.
+Images leave the working batch as they converge (once a quarter of it has), so each costs about
+its own iterations.  Both stop when the natural KKT residual ``‖λ − prox(λ − ∇)‖∞`` is at most
+``tol``.
 """
 
 from __future__ import annotations
@@ -109,8 +109,8 @@ def _check_bounds(logits: Tensor, lower: Tensor | float, upper: Tensor | float,
     if not bool(torch.isfinite(logits.sum())):  # cheap screen; NaN and inf propagate into a sum
         bad = ~torch.isfinite(logits).flatten(1).all(1)
         if bool(bad.any()):
-                raise ValueError(
-                    f"logits contain NaN or inf (images {bad.nonzero().flatten().tolist()})")
+            raise ValueError(
+                f"logits contain NaN or inf (images {bad.nonzero().flatten().tolist()})")
     B, L = logits.shape[:2]
     dev = logits.device
     lower = broadcast_bounds(lower, (B, L), "lower", device=dev)
@@ -318,8 +318,6 @@ class _Weighted(_PerImage):
         ractive = region_class >= 0
         self.onehot = torch.nn.functional.one_hot(self.rk, K).to(_DTYPE) * ractive[..., None]
         self.Wn = region_weights * ractive[..., None]
-        # Rows of N·A: ones for the class sums, the scaled maps for the regions (Eq. 2).
-        self.V = torch.cat([torch.ones_like(f[:, :, :1]).expand_as(f), self.Wn], 1)
         cls = torch.cat([torch.arange(K, device=f.device).expand(f.shape[0], -1), self.rk], 1)
         self.same = (cls[:, :, None] == cls[:, None, :]).to(_DTYPE)
 
@@ -337,7 +335,11 @@ class _Weighted(_PerImage):
 
     def value_grad(self, lam: Tensor, hessian: bool = False
                    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Smooth part of F, its gradient and (optionally) its Hessian ``((U·Vᵀ)∘C − U·Uᵀ)/N``."""
+        """Smooth part of F, its gradient and (optionally) its Hessian ``((U·Vᵀ)∘C − U·Uᵀ)/N``.
+
+        The rows of ``V`` are those of ``N·A`` (Eq. 2): ones for the class sums, the scaled maps
+        for the regions; ``U`` is ``V`` times P on each row's class; ``C`` marks rows of one class.
+        """
         s = self._logits(lam)
         logZ = torch.logsumexp(s, dim=1, keepdim=True)
         P = torch.exp(s - logZ)
@@ -345,8 +347,10 @@ class _Weighted(_PerImage):
         value, m = logZ.squeeze(1).mean(-1), U.mean(-1)
         if not hessian:
             return value, m, None
-        H = (torch.bmm(U, self.V.transpose(1, 2)) * self.same
-             - torch.bmm(U, U.transpose(1, 2))) / P.shape[-1]
+        K = P.shape[1]
+        UV = torch.cat([U.sum(-1, keepdim=True).expand(-1, -1, K),
+                        torch.bmm(U, self.Wn.transpose(1, 2))], 2)
+        H = (UV * self.same - torch.bmm(U, U.transpose(1, 2))) / P.shape[-1]
         return value, m, H
 
     def probabilities(self, lam: Tensor) -> Tensor:
@@ -583,6 +587,8 @@ def solve_latent(
         max_iter = 100 if method == "newton" else 3000
     if max_iter < 0:
         raise ValueError(f"max_iter must be >= 0, got {max_iter}")
+    if regions is not None:
+        regions = regions.to(logits.device)
     lower, upper, slack = _check_bounds(logits, lower, upper, slack, regions)
     B, L, H, W = logits.shape
     prob = _compact(logits, lower, upper, slack, regions)

@@ -291,3 +291,32 @@ def test_bounds_broadcast_from_one_row():
     r = solve_latent(GOOD, lower=torch.tensor([0.5, 0.0, 0.0]), upper=1.0)
     torch.testing.assert_close(r.P.flatten(2).mean(-1)[:, 0], torch.full((2,), 0.5))
     assert isinstance(tag_bounds([[0]], num_classes=2), Bounds)
+
+
+@pytest.mark.parametrize("with_regions", [False, True])
+def test_dual_gradient_and_hessian_match_autograd(with_regions):
+    """The evaluators' m and H against autograd's derivatives of their own dual value."""
+    from ccnn import latent
+
+    logits, bounds, regions = region_problem()
+    regions = regions if with_regions else None
+    lower, upper, slack = latent._check_bounds(logits, *bounds, regions)
+    prob = latent._compact(logits, lower, upper, slack, regions)
+    evaluators = [latent._Weighted(prob.f, prob.region_class, prob.region_weights)]
+    if not with_regions:
+        evaluators.append(latent._ClassSums(prob.f))
+    g = torch.Generator().manual_seed(0)
+    lam = torch.randn(prob.box.lo.shape, generator=g, dtype=torch.float64) * 2
+    lam = torch.where(prob.box.active, lam, 0.0)
+    for ev in evaluators:
+        _, m, H = ev.value_grad(lam, hessian=True)
+        for b in range(lam.shape[0]):
+            one = ev.select(torch.arange(lam.shape[0]) == b)
+
+            def value(x, one=one):
+                return one.value(x[None])[0]
+
+            grad = torch.func.grad(value)(lam[b])
+            hess = torch.func.hessian(value)(lam[b])
+            torch.testing.assert_close(m[b], grad, atol=1e-12, rtol=1e-9)
+            torch.testing.assert_close(H[b], hess, atol=1e-12, rtol=1e-9)
