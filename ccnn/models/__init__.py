@@ -1,0 +1,1 @@
+"""Segmentation networks for weak-label training."""
