@@ -22,7 +22,14 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["Bounds", "RegionConstraints", "box_weights", "broadcast_bounds", "tag_bounds"]
+__all__ = [
+    "Bounds",
+    "RegionConstraints",
+    "bound_violation",
+    "box_weights",
+    "broadcast_bounds",
+    "tag_bounds",
+]
 
 
 class Bounds(NamedTuple):
@@ -243,3 +250,11 @@ def box_weights(boxes: Tensor, height: int, width: int) -> Tensor:
     xs = torch.arange(width, device=boxes.device).view(1, 1, 1, width)
     x0, y0, x1, y1 = (boxes[..., k, None, None] for k in range(4))
     return ((xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)).float()
+
+
+def bound_violation(fractions: Tensor, lower: Tensor, upper: Tensor) -> Tensor:
+    """What remains of each bound: ``max(lower − m, 0) + max(m − upper, 0)`` for fractions ``m``.
+
+    Zero where ``lower ≤ m ≤ upper``; the amount by which ``m`` leaves the interval otherwise.
+    """
+    return (lower - fractions).clamp(min=0) + (fractions - upper).clamp(min=0)

@@ -43,7 +43,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ccnn.constraints import RegionConstraints, broadcast_bounds
+from ccnn.constraints import RegionConstraints, bound_violation, broadcast_bounds
 
 __all__ = ["METHODS", "LatentResult", "latent_objective", "solve_latent"]
 
@@ -170,8 +170,7 @@ class _Box(_PerImage):
 
     def violation(self, m: Tensor) -> Tensor:
         """What remains of each bound: ``max(lower − m, 0) + max(m − upper, 0)``."""
-        v = (self.lo - m).clamp(min=0) + (m - self.hi).clamp(min=0)
-        return torch.where(self.active, v, 0.0)
+        return torch.where(self.active, bound_violation(m, self.lo, self.hi), 0.0)
 
     def gap(self, lam: Tensor, m: Tensor) -> Tensor:
         """Duality gap at P(λ): ``Σ_k λ⁺(m − lower) − λ⁻(m − upper) + β·violation``."""
@@ -611,7 +610,7 @@ def solve_latent(
     frac = torch.zeros_like(lower).scatter_(1, idx, torch.where(prob.valid, m[:, :K], 0.0))
     lam_full = torch.full_like(lower, -math.inf).scatter_(
         1, idx, torch.where(prob.valid, lam[:, :K], -math.inf))
-    violation = (lower - frac).clamp(min=0) + (frac - upper).clamp(min=0)
+    violation = bound_violation(frac, lower, upper)
     result = LatentResult(
         P=P.view(B, L, H, W),
         multipliers=lam_full.to(logits.dtype),
@@ -624,7 +623,7 @@ def solve_latent(
     if regions is not None:
         r_lam = torch.where(prob.box.active[:, K:], lam[:, K:], -math.inf)
         r_frac = m[:, K:]
-        r_viol = (regions.lower - r_frac).clamp(min=0) + (r_frac - regions.upper).clamp(min=0)
+        r_viol = bound_violation(r_frac, regions.lower, regions.upper)
         result.region_multipliers = r_lam.to(logits.dtype)
         result.region_violation = r_viol.to(logits.dtype)
     return result
@@ -660,5 +659,5 @@ def latent_objective(
         lo = torch.cat([lo, regions.lower], 1)
         hi = torch.cat([hi, regions.upper], 1)
         beta = torch.cat([beta, regions.slack], 1)
-    viol = (lo - m).clamp(min=0) + (m - hi).clamp(min=0)
+    viol = bound_violation(m, lo, hi)
     return kl + torch.where((viol > 0) & torch.isfinite(beta), beta * viol, 0.0).sum(-1)
