@@ -17,7 +17,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 demo: $(STAMP)
-	$(BIN)/ccnn check
+	$(BIN)/ccnn demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

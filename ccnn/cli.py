@@ -1,7 +1,11 @@
 """The ``ccnn`` command line.
 
 Subcommands:
-    check   the P-step solvers against the CVXPY oracle on random small problems.
+    demo      train full, mil, ccnn and ccnn-size on the synthetic default; print the table.
+    train     train one method (weak labels or full supervision) on a dataset.
+    evaluate  mIoU, per-class IoU and pixel accuracy of a checkpoint on a split.
+    predict   colour PNG masks of a checkpoint's predictions for a folder of images.
+    check     the P-step solvers against the CVXPY oracle on random small problems.
 """
 
 from __future__ import annotations
@@ -37,7 +41,89 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--objective-tol", type=float, default=1e-5,
                        help="largest allowed relative difference in objective (default 1e-5)")
     check.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    _add_train(sub)
+    _add_demo(sub)
+    _add_evaluate(sub)
+    _add_predict(sub)
     return parser
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    """``ccnn train``: every option defaults to the preset's value (see ``ccnn.presets``)."""
+    from ccnn.presets import PRESETS
+    from ccnn.train import METHODS
+
+    p = sub.add_parser(
+        "train", help="train one method on a dataset",
+        description="Train a segmentation network from image-level tags (ccnn, ccnn-size, mil) "
+                    "or masks (full). Unset options take the preset's values.")
+    p.add_argument("--method", choices=METHODS, default="ccnn", help="default ccnn")
+    p.add_argument("--preset", choices=tuple(PRESETS), default="synthetic",
+                   help="settings to start from (default synthetic; voc and camvid carry "
+                        "CCNN's constants)")
+    p.add_argument("--data-root", default="data", help="folder of the datasets (default data/)")
+    p.add_argument("--out", help="output folder (default runs/<preset>-<method>)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--model", help="small, vgg16-fcn, deeplab-resnet50 or deeplab-resnet101")
+    p.add_argument("--backbone-weights", metavar="PATH",
+                   help="local torchvision checkpoint of the backbone (else random weights)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--optimizer", choices=("sgd", "adam"))
+    p.add_argument("--lr", type=float)
+    p.add_argument("--momentum", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--schedule", choices=("poly", "constant"))
+    p.add_argument("--crop", type=int, help="random square crop in pixels (default none)")
+    p.add_argument("--scale", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                   help="random rescaling range (default 1 1)")
+    p.add_argument("--no-flip", dest="flip", action="store_false", default=None,
+                   help="no random horizontal flips")
+    p.add_argument("--p-method", choices=("newton", "pgd"), help="P-step solver (newton)")
+    p.add_argument("--p-tol", type=float, help="P-step KKT tolerance (1e-6)")
+    p.add_argument("--hardness", type=float, help="CCNN's hardness s of the P-step")
+    p.add_argument("--train-size", type=int, help="synthetic: training images (1000)")
+    p.add_argument("--val-size", type=int, help="synthetic: validation images (200)")
+    p.add_argument("--seed", type=int, default=0, help="default 0")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--workers", dest="num_workers", type=int, help="data loading processes")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar")
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo", help="the main job: four methods on the synthetic default",
+        description="Train full, mil, ccnn and ccnn-size on the synthetic default (a few "
+                    "minutes on two CPU cores) and print their validation mIoU.")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--json", metavar="PATH", help="also write the table as JSON")
+    p.add_argument("--seed", type=int, default=0, help="default 0")
+    p.add_argument("--methods", default="full,mil,ccnn,ccnn-size",
+                   help="comma-separated methods (default all four)")
+    p.add_argument("--epochs", type=int, help="override the preset's epochs")
+    p.add_argument("--train-size", type=int, help="training images (default 1000)")
+    p.add_argument("--val-size", type=int, help="validation images (default 200)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar")
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint on a dataset split",
+                       description="mIoU, per-class IoU and pixel accuracy at full resolution.")
+    p.add_argument("checkpoint", help="a checkpoint.pt written by ccnn train")
+    p.add_argument("--split", help="dataset split (default the run's validation split)")
+    p.add_argument("--data-root", help="folder of the datasets (default the run's)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="colour PNG masks for a folder of images")
+    p.add_argument("checkpoint", help="a checkpoint.pt written by ccnn train")
+    p.add_argument("input", help="folder of images (.jpg, .jpeg, .png, .bmp)")
+    p.add_argument("output", help="folder for the PNG masks (created)")
+    p.add_argument("--device", default="cpu")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -48,10 +134,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             from ccnn.check import main_check
 
             return main_check(args)
-    except ValueError as err:
+        from ccnn import commands
+
+        return getattr(commands, f"main_{args.command}")(args)
+    except (ValueError, FileNotFoundError) as err:
         print(f"ccnn {args.command}: error: {err}", file=sys.stderr)
         return 2
-    raise AssertionError(f"unhandled command {args.command}")
 
 
 if __name__ == "__main__":

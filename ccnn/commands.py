@@ -1,0 +1,84 @@
+"""The work behind ``ccnn train``, ``demo``, ``evaluate`` and ``predict``: arguments to calls."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ccnn.presets import preset
+from ccnn.train import TrainConfig, train
+
+__all__ = ["config_from_args", "main_demo", "main_evaluate", "main_predict", "main_train"]
+
+# options of ``ccnn train`` that are fields of TrainConfig, taken when given on the command line
+_FIELDS = ("model", "backbone_weights", "epochs", "batch_size", "optimizer", "lr", "momentum",
+           "weight_decay", "schedule", "crop", "scale", "flip", "p_method", "p_tol", "hardness",
+           "seed", "device", "num_workers", "data_root", "train_size", "val_size")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The preset's settings for the method, overridden by every option given."""
+    settings = preset(args.preset, args.method)
+    settings.update({k: getattr(args, k) for k in _FIELDS if getattr(args, k) is not None})
+    return TrainConfig(method=args.method, **settings)
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def main_train(args: argparse.Namespace) -> int:
+    """``ccnn train``: one run; prints the final metrics and where the report is."""
+    cfg = config_from_args(args)
+    out = Path(args.out or f"runs/{args.preset}-{args.method}")
+    if cfg.backbone_weights is None and cfg.model != "small":
+        _stderr(f"note: {cfg.model} starts from random weights (no --backbone-weights given)")
+    summary = train(cfg, out, resume=args.resume, progress_bar=args.progress, log=_stderr)
+    print(f"{cfg.method}: mIoU {summary['miou']:.4f}, pixel accuracy "
+          f"{summary['pixel_accuracy']:.4f}, {summary['seconds']:.0f} s; report in "
+          f"{out / 'report'}")
+    return 0
+
+
+def main_demo(args: argparse.Namespace) -> int:
+    """``ccnn demo``: the four methods on the synthetic default, as a table."""
+    from ccnn.demo import format_table, run_demo
+
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    sizes = {k: getattr(args, k) for k in ("train_size", "val_size") if getattr(args, k)}
+    table = run_demo(args.out, seed=args.seed, methods=methods, epochs=args.epochs,
+                     progress_bar=args.progress, log=_stderr, **sizes)
+    print(format_table(table))
+    print(f"reports in {Path(args.out)}/<method>/report")
+    if args.json:
+        from ccnn.report import write_json
+
+        write_json(Path(args.json), table)
+    return 0
+
+
+def main_evaluate(args: argparse.Namespace) -> int:
+    """``ccnn evaluate``: metrics of a checkpoint, per class."""
+    from ccnn.inference import evaluate_checkpoint
+
+    m = evaluate_checkpoint(args.checkpoint, split=args.split, data_root=args.data_root,
+                            device=args.device)
+    print(f"{args.checkpoint} on {m['split']} ({m['images']} images): mIoU {m['miou']:.4f}, "
+          f"pixel accuracy {m['pixel_accuracy']:.4f}, mean accuracy {m['mean_accuracy']:.4f}")
+    for name, iou in zip(m["class_names"], m["iou"], strict=True):
+        print(f"  {name:<16} {'-' if iou != iou else f'{iou:.4f}'}")
+    if args.json:
+        from ccnn.report import write_json
+
+        write_json(Path(args.json), m)
+    return 0
+
+
+def main_predict(args: argparse.Namespace) -> int:
+    """``ccnn predict``: colour masks for a folder of images."""
+    from ccnn.inference import predict_folder
+
+    written = predict_folder(args.checkpoint, args.input, args.output, device=args.device)
+    print(f"wrote {len(written)} masks to {args.output}")
+    return 0

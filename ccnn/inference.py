@@ -1,0 +1,74 @@
+"""Using a trained checkpoint: ``ccnn evaluate`` on a dataset split, ``ccnn predict`` on images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ccnn.data.files import read_rgb
+from ccnn.data.transforms import collate
+from ccnn.models import build_model
+from ccnn.report import colorize
+from ccnn.train import TrainConfig, evaluate, predict_logits, split_dataset
+
+__all__ = ["IMAGE_SUFFIXES", "evaluate_checkpoint", "load_checkpoint", "predict_folder"]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict]:
+    """The model of a training checkpoint (in eval mode) and the checkpoint's other entries."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a file that is not a checkpoint
+        raise ValueError(f"{path} is not a ccnn checkpoint: {err}") from err
+    if not isinstance(state, dict) or not {"model", "config", "num_classes"} <= state.keys():
+        raise ValueError(f"{path} is not a ccnn training checkpoint (no model/config entries)")
+    config = state["config"]
+    model = build_model(config["model"], state["num_classes"])
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), state
+
+
+def evaluate_checkpoint(path: str | Path, *, split: str | None = None, data_root: str | None = None,
+                        device: str = "cpu", batch_size: int | None = None) -> dict:
+    """Metrics of a checkpoint on a split of the dataset it was trained on."""
+    model, state = load_checkpoint(path, device)
+    cfg = TrainConfig(**{**state["config"], **({"data_root": data_root} if data_root else {})})
+    split = split or cfg.val_split
+    size = {cfg.train_split: cfg.train_size, cfg.val_split: cfg.val_size}.get(split)
+    dataset = split_dataset(cfg, split, size)
+    loader = DataLoader(dataset, batch_size=batch_size or cfg.eval_batch_size, collate_fn=collate)
+    metrics = evaluate(model, loader, state["num_classes"], torch.device(device))
+    return {**metrics, "class_names": state["class_names"], "split": split,
+            "images": len(dataset)}
+
+
+@torch.no_grad()
+def predict_folder(checkpoint: str | Path, images: str | Path, output: str | Path, *,
+                   device: str = "cpu") -> list[Path]:
+    """Colour PNG masks (the training dataset's palette) for every image in a folder."""
+    model, state = load_checkpoint(checkpoint, device)
+    images, output = Path(images), Path(output)
+    if not images.is_dir():
+        raise FileNotFoundError(f"input folder {images} not found")
+    files = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {images}")
+    output.mkdir(parents=True, exist_ok=True)
+    palette = torch.tensor(state["palette"], dtype=torch.uint8)
+    written = []
+    for file in files:
+        image = read_rgb(file)
+        labels = predict_logits(model, image[None].to(device)).argmax(1)[0].cpu()
+        target = output / f"{file.stem}.png"
+        Image.fromarray(colorize(labels, palette)).save(target)
+        written.append(target)
+    return written

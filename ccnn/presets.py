@@ -1,0 +1,40 @@
+"""Named training settings: the synthetic default and CCNN's constants for VOC and CamVid.
+
+A preset fills the fields of :class:`ccnn.train.TrainConfig` that the command line leaves unset;
+``ccnn train --preset voc --lr 1e-5`` takes everything from ``voc`` except the learning rate.
+"""
+
+from __future__ import annotations
+
+__all__ = ["PRESETS", "preset"]
+
+# CCNN (seed 001; REFERENCE.md): VGG16 FCN at output stride 8, whole images, batch 1, SGD with
+# lr 1e-6, momentum 0.99, weight decay 5e-7, 35k iterations; size constraints with hardness 1000.
+_CCNN_SGD = {"model": "vgg16-fcn", "optimizer": "sgd", "lr": 1e-6, "momentum": 0.99,
+             "weight_decay": 5e-7, "batch_size": 1, "eval_batch_size": 1, "schedule": "constant",
+             "flip": True}
+
+PRESETS: dict[str, dict] = {
+    # The demo's setting: a small network, Adam, a few minutes on two CPU cores.
+    "synthetic": {"dataset": "synthetic", "model": "small", "optimizer": "adam", "lr": 2e-3,
+                  "weight_decay": 1e-4, "batch_size": 16, "epochs": 16, "schedule": "poly"},
+    # PASCAL VOC 2012: SBD's train_aug (10,582 images): 35k iterations is about 3.3 epochs.
+    "voc": {"dataset": "voc", "train_split": "train_aug", "val_split": "val", "epochs": 4,
+            **_CCNN_SGD},
+    # CamVid (SegNet layout), 367 training images: 35k iterations is about 95 epochs.
+    "camvid": {"dataset": "camvid", "train_split": "train", "val_split": "val", "epochs": 95,
+               **_CCNN_SGD},
+}
+
+# CCNN's hardness with size constraints (REFERENCE.md); 1 with tags only.
+SIZE_HARDNESS = 1000.0
+
+
+def preset(name: str, method: str) -> dict:
+    """The settings of preset ``name`` for ``method`` (a copy; ``ccnn-size`` adds hardness)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {tuple(PRESETS)}")
+    settings = dict(PRESETS[name])
+    if method == "ccnn-size" and name != "synthetic":
+        settings["hardness"] = SIZE_HARDNESS
+    return settings

@@ -1,0 +1,105 @@
+"""Reports of training runs: metrics JSON, training curves and predictions overlaid on images."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from ccnn.data.base import IGNORE_INDEX
+
+__all__ = ["colorize", "overlay", "plot_curves", "write_json", "write_report"]
+
+
+def colorize(labels: Tensor, palette: Tensor) -> np.ndarray:
+    """Colour image ``(H, W, 3)`` uint8 of a label map; void (255) is drawn white."""
+    lut = np.full((256, 3), 255, dtype=np.uint8)
+    lut[: len(palette)] = palette.numpy()
+    return lut[labels.cpu().numpy().astype(np.int64).clip(0, 255)]
+
+
+def overlay(image: Tensor, labels: Tensor, palette: Tensor, alpha: float = 0.55) -> np.ndarray:
+    """Blend a label map's colours over an image ``(3, H, W)`` uint8; void pixels stay as is."""
+    rgb = image.permute(1, 2, 0).cpu().numpy().astype(float)
+    colours = colorize(labels, palette).astype(float)
+    keep = (labels.cpu().numpy() != IGNORE_INDEX)[..., None]
+    mixed = np.where(keep, (1 - alpha) * rgb + alpha * colours, rgb)
+    return mixed.round().astype(np.uint8)
+
+
+def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
+    """Training loss, the network's constraint violation and validation mIoU against epochs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] + 1 for r in history]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    for ax, key, label in zip(axes, ("loss", "violation", "val_miou"),
+                              ("training loss", "constraint violation of Q", "validation mIoU"),
+                              strict=True):
+        ax.plot(epochs, [r[key] for r in history], marker="o")
+        ax.set_xlabel("epoch")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def _overlay_grid(model: nn.Module, dataset: Dataset, count: int, device: torch.device
+                  ) -> np.ndarray:
+    """Rows of image | ground truth | prediction for the first ``count`` samples."""
+    from ccnn.train import predict_logits
+
+    model.eval()
+    rows = []
+    for index in range(min(count, len(dataset))):
+        sample = dataset[index]
+        pred = predict_logits(model, sample["image"][None].to(device)).argmax(1)[0].cpu()
+        image = sample["image"].permute(1, 2, 0).numpy()
+        rows.append(np.concatenate([image, overlay(sample["image"], sample["mask"],
+                                                   dataset.palette),
+                                    overlay(sample["image"], pred, dataset.palette)], axis=1))
+    width = max(r.shape[1] for r in rows)
+    rows = [np.pad(r, ((0, 2), (0, width - r.shape[1]), (0, 0)), constant_values=255)
+            for r in rows]
+    return np.concatenate(rows, axis=0)
+
+
+def _finite(value: object) -> object:
+    """JSON has no NaN: classes never seen get ``null``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return value
+
+
+def write_json(path: Path, data: object) -> None:
+    """``data`` as indented JSON (NaN written as ``null``), creating the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_finite(data), indent=2) + "\n")
+
+
+def write_report(folder: Path, summary: dict, model: nn.Module, val_set: Dataset,
+                 device: torch.device) -> None:
+    """``metrics.json``, ``curves.png`` and ``overlays.png`` (image | truth | prediction)."""
+    write_json(folder / "metrics.json", summary)
+    if summary["history"]:
+        plot_curves(summary["history"], folder / "curves.png", title=summary["method"])
+    count = summary["config"].get("overlays", 8)
+    if count > 0:
+        Image.fromarray(_overlay_grid(model, val_set, count, device)).save(folder / "overlays.png")
