@@ -14,11 +14,13 @@ a segmentation network's output under linear constraints built from image-level 
 
 from ccnn.constraints import Bounds, RegionConstraints, box_weights, tag_bounds
 from ccnn.latent import LatentResult, latent_objective, solve_latent
+from ccnn.loss import ConstrainedLoss
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Bounds",
+    "ConstrainedLoss",
     "LatentResult",
     "RegionConstraints",
     "__version__",

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ccnn.presets import preset
+from ccnn.report import plot_comparison
 from ccnn.train import METHODS, TrainConfig, load_datasets, train
 
 __all__ = ["DEMO_METHODS", "format_table", "run_demo"]
@@ -21,6 +22,8 @@ def run_demo(out: str | Path, *, seed: int = 0, methods: Sequence[str] = DEMO_ME
              epochs: int | None = None, progress_bar: bool = True,
              log: Callable[[str], None] = print, **overrides: object) -> dict:
     """Train each method into ``out/<method>``; returns ``{"methods": {method: row}}``.
+
+    Also draws every method's validation mIoU and constraint violation into ``out/curves.png``.
 
     A row holds ``miou``, ``pixel_accuracy``, ``seconds`` (training and validation time) and,
     for the constrained methods, ``p_step_share`` (the P-step's share of a training step).
@@ -38,8 +41,10 @@ def run_demo(out: str | Path, *, seed: int = 0, methods: Sequence[str] = DEMO_ME
         configs[method] = TrainConfig(method=method, **settings)
     datasets = load_datasets(next(iter(configs.values())))
     table: dict = {"methods": {}, "out": str(out)}
+    histories = {}
     for method, cfg in configs.items():
         summary = train(cfg, out / method, datasets=datasets, progress_bar=progress_bar, log=log)
+        histories[method] = summary["history"]
         row = {"miou": summary["miou"], "pixel_accuracy": summary["pixel_accuracy"],
                "seconds": summary["seconds"]}
         if method.startswith("ccnn"):
@@ -47,6 +52,7 @@ def run_demo(out: str | Path, *, seed: int = 0, methods: Sequence[str] = DEMO_ME
             row["p_step_share"] = sum(h["p_seconds"] for h in history) / max(
                 sum(h["step_seconds"] for h in history), 1e-12)
         table["methods"][method] = row
+    plot_comparison(histories, out / "curves.png")
     return table
 
 

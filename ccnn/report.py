@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from ccnn.data.base import IGNORE_INDEX
 
-__all__ = ["colorize", "overlay", "plot_curves", "write_json", "write_report"]
+__all__ = ["colorize", "overlay", "plot_comparison", "plot_curves", "write_json", "write_report"]
 
 
 def colorize(labels: Tensor, palette: Tensor) -> np.ndarray:
@@ -51,6 +51,29 @@ def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_comparison(histories: dict[str, list[dict]], path: Path) -> None:
+    """Validation mIoU and the network's constraint violation of several runs, per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    for method, history in histories.items():
+        epochs = [r["epoch"] + 1 for r in history]
+        axes[0].plot(epochs, [r["val_miou"] for r in history], marker=".", label=method)
+        axes[1].plot(epochs, [r["violation"] for r in history], marker=".", label=method)
+    for ax, title in zip(axes, ("validation mIoU", "constraint violation of Q (training)"),
+                         strict=True):
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -68,11 +68,11 @@ def test_resnet_backbone_weights_are_loaded(tmp_path):
 
 
 def test_bad_weight_files_name_the_file(tmp_path, vgg_file):
-    with pytest.raises(FileNotFoundError, match="missing.pth"):
+    with pytest.raises(FileNotFoundError, match=r"missing\.pth"):
         build_model("vgg16-fcn", 3, backbone_weights=tmp_path / "missing.pth")
     junk = tmp_path / "junk.pth"
     junk.write_text("not a checkpoint")
-    with pytest.raises(ValueError, match="junk.pth"):
+    with pytest.raises(ValueError, match=r"junk\.pth"):
         build_model("vgg16-fcn", 3, backbone_weights=junk)
     with pytest.raises(ValueError, match="do not fit resnet50"):
         build_model("deeplab-resnet50", 3, backbone_weights=vgg_file)

@@ -218,6 +218,7 @@ def test_demo_table(tmp_path):
     row = table["methods"]["ccnn"]
     assert 0 <= row["miou"] <= 1 and 0 <= row["pixel_accuracy"] <= 1 and row["seconds"] > 0
     assert 0 < row["p_step_share"] < 1
+    assert (tmp_path / "curves.png").is_file()
     text = format_table(table)
     assert "ccnn" in text and "full" in text
 
