@@ -62,6 +62,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="settings to start from (default synthetic; voc and camvid carry "
                         "CCNN's constants)")
     p.add_argument("--data-root", default="data", help="folder of the datasets (default data/)")
+    p.add_argument("--train-split", help="training split (voc: train or train_aug)")
+    p.add_argument("--val-split", help="validation split")
     p.add_argument("--out", help="output folder (default runs/<preset>-<method>)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--model", help="small, vgg16-fcn, deeplab-resnet50 or deeplab-resnet101")

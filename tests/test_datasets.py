@@ -362,3 +362,18 @@ def test_camvid_bad_annotation(camvid):
         dataset[0]
     with _raises(ValueError, "image", "train/0001TP_000001.png", "mask", "trainannot"):
         dataset[1]
+
+
+@pytest.mark.parametrize("preset", ["voc", "camvid"])
+def test_training_runs_on_the_real_layouts(preset, voc, camvid, tmp_path, capsys):
+    """`ccnn train --preset voc|camvid` reads the fixture layouts end to end (small network)."""
+    from ccnn.cli import main
+
+    root = voc[0] if preset == "voc" else camvid[0]
+    split = ["--train-split", "train"] if preset == "voc" else []
+    out = tmp_path / "run"
+    code = main(["train", "--preset", preset, "--method", "ccnn", "--model", "small",
+                 "--data-root", str(root), "--epochs", "1", "--batch-size", "2", "--crop", "16",
+                 "--lr", "1e-3", "--out", str(out), "--no-progress", *split])
+    assert code == 0, capsys.readouterr().err
+    assert (out / "checkpoint.pt").is_file() and (out / "report" / "metrics.json").is_file()
