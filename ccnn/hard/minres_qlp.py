@@ -480,6 +480,11 @@ def minres_qlp(
                 f"non-finite value in the Lanczos process at iteration {it}: "
                 f"alpha = {alpha}, beta = {beta_kp1} (does A·v or M·r overflow or give nan?)"
             )
+        if beta_kp1 <= sqrt_eps * max(anorm, abs(alpha), beta if it > 1 else 0.0):
+            # Numerical Lanczos breakdown: span(v_1..v_k) is invariant up to rounding (lost
+            # orthogonality leaves β_{k+1} at ~1e-10·‖A‖, not 0). Continuing would add a
+            # direction made of rounding noise; take β_{k+1} = 0 and make this the last step.
+            beta_kp1 = 0.0
         if it == 1 and beta_kp1 == 0.0:
             # (A − σI) v₁ = α₁ v₁: b is an eigenvector (or in the null space when α₁ = 0)
             if alpha == 0.0:
