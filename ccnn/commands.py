@@ -33,8 +33,6 @@ def main_train(args: argparse.Namespace) -> int:
     """``ccnn train``: one run; prints the final metrics and where the report is."""
     cfg = config_from_args(args)
     out = Path(args.out or f"runs/{args.preset}-{args.method}")
-    if cfg.backbone_weights is None and cfg.model != "small":
-        _stderr(f"note: {cfg.model} starts from random weights (no --backbone-weights given)")
     summary = train(cfg, out, resume=args.resume, progress_bar=args.progress, log=_stderr)
     print(f"{cfg.method}: mIoU {summary['miou']:.4f}, pixel accuracy "
           f"{summary['pixel_accuracy']:.4f}, {summary['seconds']:.0f} s; report in "

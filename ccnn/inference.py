@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from ccnn.data.files import read_rgb
 from ccnn.data.transforms import collate
-from ccnn.models import build_model
+from ccnn.models import RandomWeightsWarning, build_model
 from ccnn.report import colorize
 from ccnn.train import TrainConfig, evaluate, predict_logits, split_dataset
 
@@ -32,7 +33,9 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[nn.Module, d
     if not isinstance(state, dict) or not {"model", "config", "num_classes"} <= state.keys():
         raise ValueError(f"{path} is not a ccnn training checkpoint (no model/config entries)")
     config = state["config"]
-    model = build_model(config["model"], state["num_classes"])
+    with warnings.catch_warnings():  # the trained weights are loaded next
+        warnings.simplefilter("ignore", RandomWeightsWarning)
+        model = build_model(config["model"], state["num_classes"])
     model.load_state_dict(state["model"])
     return model.to(device).eval(), state
 

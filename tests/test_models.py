@@ -8,71 +8,137 @@ import warnings
 import pytest
 import torch
 import torchvision
+from torch import nn
 
-from ccnn.models import MODELS, build_model
+from ccnn.models import (
+    MODELS,
+    VGG16FCN,
+    DeepLabResNet,
+    RandomWeightsWarning,
+    build_model,
+    load_backbone_weights,
+)
 
 
 @pytest.fixture(scope="module")
-def vgg_file(tmp_path_factory):
-    """A torchvision vgg16 checkpoint, as a user would save it, with a known seed."""
+def vgg_state():
+    """The state dict of torchvision's randomly initialised ``vgg16``, seeded."""
     torch.manual_seed(7)
+    return torchvision.models.vgg16(weights=None).state_dict()
+
+
+@pytest.fixture(scope="module")
+def vgg_file(tmp_path_factory, vgg_state):
+    """``vgg_state`` saved as a raw state dict, like torchvision's ``vgg16-397923af.pth``."""
     path = tmp_path_factory.mktemp("weights") / "vgg16.pth"
-    torch.save(torchvision.models.vgg16(weights=None).state_dict(), path)
+    torch.save(vgg_state, path)
     return path
 
 
-def _quiet(name: str, **kw):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return build_model(name, 5, **kw).eval()
+@pytest.fixture(scope="module")
+def resnet_state():
+    """The state dict of torchvision's randomly initialised ``resnet50``, seeded."""
+    torch.manual_seed(3)
+    return torchvision.models.resnet50(weights=None).state_dict()
+
+
+def _without(state: dict, prefix: str) -> dict:
+    return {k: v for k, v in state.items() if not k.startswith(prefix)}
+
+
+def _assert_same_tensors(own: dict, saved: dict) -> None:
+    assert own.keys() == saved.keys()
+    for key, value in own.items():
+        assert torch.equal(value, saved[key]), key
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_output_size_is_ceil_of_input_over_stride(name):
-    model = _quiet(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RandomWeightsWarning)
+        model = build_model(name, 5).eval()
     stride = model.output_stride
+    assert stride == (4 if name == "small" else 8)
     with torch.no_grad():
-        for h, w in ((40, 56), (33, 47)):
+        for h, w in ((64, 64), (33, 47), (17, 8)):
             out = model(torch.randn(1, 3, h, w))
             assert out.shape == (1, 5, math.ceil(h / stride), math.ceil(w / stride)), (h, w)
 
 
 def test_registry_errors():
-    with pytest.raises(ValueError, match="unknown model 'unet'"):
+    with pytest.raises(ValueError, match=r"unknown model 'unet'.*'vgg16-fcn'.*'deeplab-resnet101'"):
         build_model("unet", 3)
     with pytest.raises(ValueError, match="no pretrained backbone"):
         build_model("small", 3, backbone_weights="x.pth")
 
 
-def test_random_weights_are_announced():
-    with pytest.warns(UserWarning, match="starting from random weights"):
-        build_model("vgg16-fcn", 3)
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda: VGG16FCN(0), "num_classes must be positive, got 0"),
+    (lambda: DeepLabResNet(0), "num_classes must be positive, got 0"),
+    (lambda: DeepLabResNet(3, depth=34), "depth must be 50 or 101, got 34"),
+])
+def test_bad_arguments_are_rejected(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
 
 
-def test_vgg_backbone_weights_are_loaded_exactly(vgg_file):
+def test_random_weights_are_announced_for_large_networks_only():
+    with pytest.warns(RandomWeightsWarning, match="resnet50: .*starting from random weights"):
+        build_model("deeplab-resnet50", 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_model("small", 3)
+
+
+def test_vgg_backbone_is_the_checkpoint_and_the_head_is_new(vgg_state, vgg_file):
     model = build_model("vgg16-fcn", 4, backbone_weights=vgg_file)
-    saved = torch.load(vgg_file, weights_only=True)
-    own = model.features.state_dict()
-    for key, value in own.items():
-        assert torch.equal(value, saved[f"features.{key}"]), key
+    features = {f"features.{k}": v for k, v in model.features.state_dict().items()}
+    _assert_same_tensors(features, _without(vgg_state, "classifier."))
+    assert any(k.startswith("classifier.") for k in vgg_state)  # ImageNet head in the file...
+    assert model.classifier.weight.shape == (4, 1024, 1, 1)  # ...ignored for fc8,
+    assert model.classifier.weight.std() < 0.02  # which starts from N(0, 0.01²)
+    assert not model.classifier.bias.any()
 
 
-def test_resnet_backbone_weights_are_loaded(tmp_path):
-    torch.manual_seed(3)
-    resnet = torchvision.models.resnet50(weights=None)
+@pytest.mark.parametrize("layout", ["under state_dict", "pre-0.4.1 BatchNorm"])
+def test_resnet_backbone_is_the_checkpoint(tmp_path, resnet_state, layout):
     path = tmp_path / "resnet50.pth"
-    torch.save({"state_dict": resnet.state_dict()}, path)
+    if layout == "under state_dict":
+        torch.save({"state_dict": resnet_state, "epoch": 90}, path)
+    else:  # torchvision's older ResNet files have no BatchNorm batch counters
+        torch.save({k: v for k, v in resnet_state.items()
+                    if not k.endswith("num_batches_tracked")}, path)
     model = build_model("deeplab-resnet50", 4, backbone_weights=path)
-    assert torch.equal(model.backbone[0].weight, resnet.conv1.weight)
-    assert torch.equal(model.backbone[7][2].conv3.weight, resnet.layer4[2].conv3.weight)
+    _assert_same_tensors(model.backbone.state_dict(), _without(resnet_state, "fc."))
 
 
 def test_bad_weight_files_name_the_file(tmp_path, vgg_file):
     with pytest.raises(FileNotFoundError, match=r"missing\.pth"):
-        build_model("vgg16-fcn", 3, backbone_weights=tmp_path / "missing.pth")
+        build_model("deeplab-resnet50", 3, backbone_weights=tmp_path / "missing.pth")
+    with pytest.raises(ValueError, match=r"vgg16\.pth do not fit resnet50: \d+ missing keys "
+                                         r"\(bn1\..*\d+ unexpected keys \(classifier\."):
+        build_model("deeplab-resnet50", 3, backbone_weights=vgg_file)
+
+
+def test_loader_rejects_files_that_are_not_state_dicts(tmp_path):
     junk = tmp_path / "junk.pth"
     junk.write_text("not a checkpoint")
-    with pytest.raises(ValueError, match=r"junk\.pth"):
-        build_model("vgg16-fcn", 3, backbone_weights=junk)
-    with pytest.raises(ValueError, match="do not fit resnet50"):
-        build_model("deeplab-resnet50", 3, backbone_weights=vgg_file)
+    with pytest.raises(ValueError, match=r"junk\.pth is not a PyTorch checkpoint"):
+        load_backbone_weights(nn.Linear(2, 3), junk, name="tiny")
+    listed = tmp_path / "listed.pth"
+    torch.save({"epoch": 3, "weight": torch.zeros(3, 2)}, listed)
+    with pytest.raises(ValueError, match=r"listed\.pth holds no state dict of tensors"):
+        load_backbone_weights(nn.Linear(2, 3), listed, name="tiny")
+
+
+def test_loader_names_wrong_shapes_and_keeps_skipped_keys(tmp_path):
+    path = tmp_path / "tiny.pth"
+    torch.save({"weight": torch.zeros(3, 4), "bias": torch.zeros(3)}, path)
+    with pytest.raises(ValueError, match=r"tiny\.pth do not fit tiny: 1 wrong shapes "
+                                         r"\(weight \(3, 4\) for \(3, 2\)\)"):
+        load_backbone_weights(nn.Linear(2, 3), path, name="tiny")
+    linear = nn.Linear(4, 3)
+    bias = linear.bias.detach().clone()
+    load_backbone_weights(linear, path, name="tiny", skip=("bias",))
+    assert not linear.weight.any()
+    assert torch.equal(linear.bias, bias)
