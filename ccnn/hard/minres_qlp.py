@@ -402,7 +402,9 @@ def minres_qlp(
 
     eps = torch.finfo(dtype).eps
     sqrt_eps = math.sqrt(eps)
-    relares_km1 = math.inf  # previous relAres estimate, for the stagnation test
+    ls_gate = max(rtol, sqrt_eps)  # relAres below this: the least-squares (truncation) regime
+    relares_min = math.inf  # smallest relAres estimate so far, for the stagnation test
+    best_trunc = math.inf  # |γ_k μ_k| of the stored truncated iterate
     realmin = torch.finfo(torch.float64).tiny
     bnorm = float(torch.linalg.vector_norm(b))
 
@@ -451,6 +453,7 @@ def minres_qlp(
     wl2 = torch.zeros_like(b)  # w_{k−2} (MINRES); scratch in the QLP phase
     r1 = torch.zeros_like(b)  # β_{k−1}·v_{k−1} (unpreconditioned scale)
     xl2: Tensor | None = None  # x_{k−2}^{QLP}: the part of x that no longer changes
+    xbest: Tensor | None = None  # best truncated QLP iterate x_k − μ_k w_k (least-squares regime)
 
     while flag is flag0 and it < maxit:
         # ---- Lanczos step k: β_{k+1} v_{k+1} = (A − σI) v_k − α_k v_k − β_k v_{k−1} ----------
@@ -480,11 +483,6 @@ def minres_qlp(
                 f"non-finite value in the Lanczos process at iteration {it}: "
                 f"alpha = {alpha}, beta = {beta_kp1} (does A·v or M·r overflow or give nan?)"
             )
-        if beta_kp1 <= sqrt_eps * max(anorm, abs(alpha), beta if it > 1 else 0.0):
-            # Numerical Lanczos breakdown: span(v_1..v_k) is invariant up to rounding (lost
-            # orthogonality leaves β_{k+1} at ~1e-10·‖A‖, not 0). Continuing would add a
-            # direction made of rounding noise; take β_{k+1} = 0 and make this the last step.
-            beta_kp1 = 0.0
         if it == 1 and beta_kp1 == 0.0:
             # (A − σI) v₁ = α₁ v₁: b is an eigenvector (or in the null space when α₁ = 0)
             if alpha == 0.0:
@@ -534,15 +532,17 @@ def minres_qlp(
             mu_km2 = (tau_km2 - eta_km2 * mu_km4 - vartheta_km2 * mu_km3) / gamma_km2  # μ_{k−2}
         if it > 1:
             mu_km1 = (tau_km1 - eta_km1 * mu_km3 - vartheta_km1 * mu_km2) / gamma_km1  # μ_{k−1}
-        # Least-squares stagnation: ‖(A − σI)r_{k−1}‖ (estimate) fell to rounding level and now
-        # grows: the Krylov space has found the null direction of an inconsistent system
-        # (γ_k → 0 in floating point). Take this last step with μ_k = 0, as for γ_k = 0.
+        # Least-squares regime: ‖(A − σI)r_{k−1}‖ / (‖A‖‖r_{k−1}‖) (estimate) is at or below
+        # max(rtol, √eps). The last QLP diagonal γ_k then carries the numerically-zero singular
+        # value of T_k and w_k the null direction (see below); steps are QLP steps.
         relares_l = _safe_div(math.hypot(gamma_bar, delta_bar_kp1), max(anorm, pnorm))
-        stagnated = flag is flag0 and relares_km1 <= sqrt_eps and relares_l > relares_km1
+        ls_regime = relares_l <= ls_gate
+        # Stagnation: the estimate has been in the regime and grew tenfold from its minimum: the
+        # Lanczos vectors have lost orthogonality (a ghost of the null direction appears).
+        stagnated = flag is flag0 and relares_min <= ls_gate and relares_l > 10.0 * relares_min
+        relares_min = min(relares_min, relares_l)
         xnorm_tmp = math.sqrt(xl2norm**2 + mu_km2**2 + mu_km1**2)
-        if stagnated:
-            mu = 0.0
-        elif abs(gamma) > eps * max(anorm, pnorm) + realmin and xnorm_tmp < maxxnorm:
+        if abs(gamma) > eps * max(anorm, pnorm) + realmin and xnorm_tmp < maxxnorm:
             mu = (tau - eta * mu_km2 - vartheta * mu_km1) / gamma  # μ_k
             if math.hypot(xnorm_tmp, mu) > maxxnorm:
                 mu = 0.0
@@ -556,7 +556,7 @@ def minres_qlp(
         # ---- update the directions w and x: MINRES while well conditioned, QLP after ----------
         # (MINRES only while still iterating normally: a flag raised above means this last step
         # must be the minimum-length QLP one. The MATLAB v2 code tests `flag != flag0` here.)
-        if qlp_it == 0 and acond < tran_cond and flag is flag0 and not stagnated:
+        if qlp_it == 0 and acond < tran_cond and flag is flag0 and not ls_regime:
             # w_k = (v_k − ε_k w_{k−2} − δ_k^{(2)} w_{k−1}) / γ_k^{(2)}; x_k = x_{k−1} + τ_k w_k
             # (on entry w = w_{k−1}, wl = w_{k−2}; wl2 holds w_{k−3}, no longer needed)
             torch.add(v, wl, alpha=-epsilon, out=wl2)
@@ -597,6 +597,16 @@ def minres_qlp(
                 w.mul_(sr1).sub_(wl2, alpha=cr1)  # w_k
                 wl, v = v, wl
             torch.add(xl2, wl, alpha=mu_km1, out=x)
+            if ls_regime and abs(gamma * mu) < best_trunc:
+                # Truncated iterate x_k − μ_k w_k: the minimum-length solution of the projected
+                # problem with γ_k taken as 0 (as exact arithmetic gives at the Lanczos breakdown
+                # of an inconsistent system). Dropping μ_k raises the residual by |γ_k μ_k|; keep
+                # the candidate with the smallest increase.
+                best_trunc = abs(gamma * mu)
+                if xbest is None:
+                    xbest = x.clone()
+                else:
+                    xbest.copy_(x)
             x.add_(w, alpha=mu)  # x_k = x_{k−2}^{QLP} + μ_{k−1} w_{k−1} + μ_k w_k
 
         # ---- next right reflection P_{k−1,k+1} ----------------------------------------------
@@ -639,12 +649,13 @@ def minres_qlp(
                 flag = Flag.LEAST_SQUARES_RTOL
             if relres <= rtol:
                 flag = Flag.SOLVED_RTOL
-        relares_km1 = relares_l
         if flag in (Flag.LEAST_SQUARES_RTOL, Flag.LEAST_SQUARES_EPS, Flag.XNORM_LIMIT,
                     Flag.ACOND_LIMIT):
             acond = acond_l  # these tests concern step k−1; keep its condition estimate
         if stagnated and flag is not Flag.SOLVED_RTOL:
             flag = Flag.LEAST_SQUARES_EPS
+        if xbest is not None and flag in (Flag.LEAST_SQUARES_RTOL, Flag.LEAST_SQUARES_EPS):
+            x.copy_(xbest)  # minimum-length: the null direction w_k is dropped
         if flag is flag0 and beta_kp1 == 0.0:
             flag = Flag.SINGULAR  # Lanczos breakdown that no test explained (defensive)
         if callback is not None:
@@ -658,20 +669,6 @@ def minres_qlp(
     ar = op(r)
     rnorm = float(torch.linalg.vector_norm(r))
     arnorm = float(torch.linalg.vector_norm(ar))
-    if flag not in _SOLVED and rnorm > realmin:
-        # Inconsistent system: Krylov iterates carry a multiple of the null-space part of b,
-        # which the residual approximates once ‖(A − σI)r‖ is small. Remove it ("lifting",
-        # Liu, Milzarek, Roosta 2023) when that barely changes the residual.
-        z = psolve(r) if precon else r
-        dx = x if x0 is None else x - x0
-        c = float(torch.dot(r, dx)) / float(torch.dot(r, z))
-        az = op(z) if precon else ar
-        if math.isfinite(c) and abs(c) * float(torch.linalg.vector_norm(az)) <= 1e-2 * rnorm:
-            x.sub_(z, alpha=c)
-            r = b - op(x)
-            ar = op(r)
-            rnorm = float(torch.linalg.vector_norm(r))
-            arnorm = float(torch.linalg.vector_norm(ar))
     xnorm = float(torch.linalg.vector_norm(x))
     axnorm = float(torch.linalg.vector_norm(b - r))
     info = MinresQLPInfo(
