@@ -292,6 +292,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False,
 
     val_loader = DataLoader(val_set, batch_size=cfg.eval_batch_size, collate_fn=collate,
                             num_workers=cfg.num_workers)
+    metrics = None
     for epoch in range(start_epoch, cfg.epochs):
         epoch_start = time.perf_counter()
         generator = _seeded(cfg.seed, epoch)
@@ -318,7 +319,8 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False,
         log(f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}: loss {stats['loss']:.4f}, "
             f"violation {stats['violation']:.4f}, val mIoU {metrics['miou']:.3f}")
 
-    metrics = evaluate(model, val_loader, num_classes, device)
+    if metrics is None:  # resumed after the last epoch: nothing evaluated yet
+        metrics = evaluate(model, val_loader, num_classes, device)
     summary = {"method": cfg.method, "miou": metrics["miou"],
                "pixel_accuracy": metrics["pixel_accuracy"], "seconds": elapsed,
                "metrics": metrics, "class_names": list(train_set.class_names),
