@@ -53,7 +53,12 @@ Evaluation = Literal["auto", "factored", "direct"]
 EVALUATIONS: tuple[str, ...] = ("auto", "factored", "direct")
 
 _DTYPE = torch.float64  # working precision of the dual, whatever the logits' dtype
-_LAMBDA_CAP = 300.0  # |λ| bound used while iterating on hard constraints (exp(300) is safe in fp64)
+# |λ| bound used while iterating on hard constraints, beyond the image's logit spread (the most
+# any multiplier needs to move mass between two classes at one pixel).
+_LAMBDA_CAP = 300.0
+# Largest logit spread the factored evaluation takes: its multipliers then stay within ±(300 +
+# 300), so exp(λ_l − max λ) cannot underflow in fp64 (e^-745); wider spreads use the direct one.
+_FACTORED_SPREAD = 300.0
 _MAX_STEP = 30.0  # largest change of one multiplier in a Newton step (nats)
 _DAMPING = 1e-2  # Levenberg–Marquardt damping: δ = _DAMPING·‖g_free‖∞
 _ARMIJO = 1e-4
@@ -152,7 +157,7 @@ class _Box(_PerImage):
     lo: Tensor
     hi: Tensor
     beta: Tensor  # the true cap β (may be inf)
-    cap: Tensor  # β clipped to _LAMBDA_CAP: the cap used while iterating
+    cap: Tensor  # β clipped to _LAMBDA_CAP + the logit spread: the cap used while iterating
     active: Tensor  # coordinates that are variables (others stay at 0)
 
     def linear(self, lam: Tensor) -> Tensor:
@@ -190,6 +195,7 @@ class _Compact:
     box: _Box
     region_class: Tensor  # (B, R) compact row of each region, -1 when suppressed (R may be 0)
     region_weights: Tensor  # (B, R, N) weights scaled to sum to N
+    spread: Tensor  # (B,) largest gap between a pixel's top logit and another present class's
 
 
 def _compact(logits: Tensor, lower: Tensor, upper: Tensor, slack: Tensor,
@@ -206,6 +212,7 @@ def _compact(logits: Tensor, lower: Tensor, upper: Tensor, slack: Tensor,
     f = f.gather(1, idx[..., None].expand(-1, -1, f.shape[-1])).to(_DTYPE)
     f = f.masked_fill(~valid[..., None], -math.inf)
     f = f - f.amax(1, keepdim=True)
+    spread = -torch.where(valid[..., None], f, 0.0).flatten(1).amin(1)  # (B,) largest gap
 
     lo, hi, beta = (t.gather(1, idx) for t in (lower, upper, slack))
     hard = torch.isinf(beta) & valid
@@ -240,9 +247,9 @@ def _compact(logits: Tensor, lower: Tensor, upper: Tensor, slack: Tensor,
         valid_j = torch.cat([valid, region_class >= 0], 1)
     else:
         valid_j = valid
-    box = _Box(lo=lo, hi=hi.clamp(max=1.0), beta=beta, cap=beta.clamp(max=_LAMBDA_CAP),
-               active=valid_j)
-    return _Compact(f, idx, valid, box, region_class, region_weights)
+    box = _Box(lo=lo, hi=hi.clamp(max=1.0), beta=beta,
+               cap=torch.minimum(beta, _LAMBDA_CAP + spread[:, None]), active=valid_j)
+    return _Compact(f, idx, valid, box, region_class, region_weights, spread)
 
 
 # --------------------------------------------------------------------------------------------
@@ -558,6 +565,9 @@ def solve_latent(
             matrix products; whole-image bounds only), ``"direct"`` (a log-sum-exp at every pixel
             and step, as CCNN's code does), or ``"auto"``: factored for ``"newton"`` without
             regions, direct otherwise — so ``"pgd"`` stays CCNN's computation, step for step.
+            The factored form needs logits whose spread at a pixel is at most 300 (exp must
+            not underflow); ``"auto"`` takes the direct one beyond that (CCNN's hardness 1000
+            scales the logits so far).
 
     Returns:
         A :class:`LatentResult`.
@@ -591,8 +601,14 @@ def solve_latent(
     lower, upper, slack = _check_bounds(logits, lower, upper, slack, regions)
     B, L, H, W = logits.shape
     prob = _compact(logits, lower, upper, slack, regions)
+    wide = bool((prob.spread > _FACTORED_SPREAD).any())
     if evaluation == "auto":
-        evaluation = "factored" if method == "newton" and regions is None else "direct"
+        evaluation = ("factored" if method == "newton" and regions is None and not wide
+                      else "direct")
+    elif evaluation == "factored" and wide:
+        raise ValueError(
+            f"evaluation='factored' needs logits whose spread at a pixel is at most "
+            f"{_FACTORED_SPREAD:g} (got {float(prob.spread.max()):.4g}); use 'direct' or 'auto'")
     if evaluation == "factored":
         ev: _Evaluator = _ClassSums(prob.f)
     else:

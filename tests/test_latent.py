@@ -320,3 +320,34 @@ def test_dual_gradient_and_hessian_match_autograd(with_regions):
             hess = torch.func.hessian(value)(lam[b])
             torch.testing.assert_close(m[b], grad, atol=1e-12, rtol=1e-9)
             torch.testing.assert_close(H[b], hess, atol=1e-12, rtol=1e-9)
+
+
+def test_hardness_1000_approaches_the_linear_program():
+    """CCNN's hardness s = 1000 scales the logits until P-step ≈ the LP ``max Σ P·f`` under the
+    hard bounds; the solver must still meet them (its multipliers exceed any fixed cap)."""
+    from scipy.optimize import linprog
+
+    g = torch.Generator().manual_seed(4)
+    L, H, W, s = 3, 5, 5, 1000.0
+    f = torch.randn(1, L, H, W, generator=g, dtype=torch.float64)
+    f[:, 0] += 2.0  # the network wants background almost everywhere
+    lower = torch.tensor([[0.3, 0.2, 0.1]], dtype=torch.float64)
+    upper = torch.tensor([[0.6, 1.0, 1.0]], dtype=torch.float64)
+    r = solve_latent(s * f, lower, upper, math.inf)
+    assert r.converged.all()
+    m = r.P.flatten(2).mean(-1)
+    assert ((lower - m).max() <= 1e-6) and ((m - upper).max() <= 1e-6)
+    assert r.multipliers.abs().max() > 300  # beyond the old fixed cap
+    # The LP over P (N×L, row-stochastic) with the same fraction bounds.
+    N = H * W
+    c = -f[0].flatten(1).T.numpy().ravel() / N  # pixel-major (i, l)
+    frac = np.zeros((L, N * L))
+    for k in range(L):
+        frac[k, k::L] = 1.0 / N
+    rows = np.kron(np.eye(N), np.ones((1, L)))
+    lp = linprog(c, A_ub=np.vstack([frac, -frac]),
+                 b_ub=np.concatenate([upper[0].numpy(), -lower[0].numpy()]),
+                 A_eq=rows, b_eq=np.ones(N), bounds=(0, None), method="highs")
+    assert lp.status == 0
+    ours = (r.P[0] * f[0]).sum().item() / N
+    assert ours == pytest.approx(-lp.fun, abs=5e-3)  # entropy costs at most log(L)/s
