@@ -3,6 +3,7 @@
 Subcommands:
     demo      train full, mil, ccnn and ccnn-size on the synthetic default; print the table.
     train     train one method (weak labels or full supervision) on a dataset.
+    pretrain  the small network's backbone on a shape classification set (ImageNet's stand-in).
     evaluate  mIoU, per-class IoU and pixel accuracy of a checkpoint on a split.
     predict   colour PNG masks of a checkpoint's predictions for a folder of images.
     check     the P-step solvers against the CVXPY oracle on random small problems.
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     _add_train(sub)
     _add_demo(sub)
+    _add_pretrain(sub)
     _add_evaluate(sub)
     _add_predict(sub)
     return parser
@@ -106,6 +108,26 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, help="override the preset's epochs")
     p.add_argument("--train-size", type=int, help="training images (default 1000)")
     p.add_argument("--val-size", type=int, help="validation images (default 200)")
+    p.add_argument("--no-pretrain", dest="pretrain", action="store_false",
+                   help="start every method from random weights (no shared pretrained backbone)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar")
+
+
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pretrain", help="pretrain the small network's backbone on shape classification",
+        description="Train the small network's features to classify single-object synthetic "
+                    "images by shape (image-level labels, a split never used for segmentation), "
+                    "the stand-in for an ImageNet backbone; pass the file to ccnn train "
+                    "--backbone-weights.")
+    p.add_argument("--out", default="runs/backbone.pt", help="weights file (default "
+                                                             "runs/backbone.pt)")
+    p.add_argument("--images", type=int, help="training images (default 3000)")
+    p.add_argument("--epochs", type=int, help="default 6")
+    p.add_argument("--lr", type=float, help="Adam learning rate (default 5e-4)")
+    p.add_argument("--batch-size", type=int, help="default 32")
+    p.add_argument("--seed", type=int, help="default 0")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar")
 

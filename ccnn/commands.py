@@ -47,13 +47,25 @@ def main_demo(args: argparse.Namespace) -> int:
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     sizes = {k: getattr(args, k) for k in ("train_size", "val_size") if getattr(args, k)}
     table = run_demo(args.out, seed=args.seed, methods=methods, epochs=args.epochs,
-                     progress_bar=args.progress, log=_stderr, **sizes)
+                     pretraining=args.pretrain, progress_bar=args.progress, log=_stderr, **sizes)
     print(format_table(table))
     print(f"reports in {Path(args.out)}/<method>/report")
     if args.json:
         from ccnn.report import write_json
 
         write_json(Path(args.json), table)
+    return 0
+
+
+def main_pretrain(args: argparse.Namespace) -> int:
+    """``ccnn pretrain``: the small network's backbone on the shape classification set."""
+    from ccnn.pretrain import PretrainConfig, pretrain
+
+    fields = ("images", "epochs", "lr", "batch_size", "seed")
+    cfg = PretrainConfig(**{k: getattr(args, k) for k in fields if getattr(args, k) is not None})
+    result = pretrain(cfg, args.out, progress_bar=args.progress, log=_stderr)
+    print(f"validation accuracy {result['accuracy']:.3f} after {result['seconds']:.1f} s; "
+          f"weights in {result['path']} (ccnn train --backbone-weights {result['path']})")
     return 0
 
 

@@ -38,8 +38,9 @@ from ccnn.loss import ConstrainedLoss, mil_loss, pixel_loss
 from ccnn.metrics import ConfusionMatrix
 from ccnn.models import build_model
 
-__all__ = ["METHODS", "Criterion", "TrainConfig", "evaluate", "load_datasets", "predict_logits",
-           "split_dataset", "train", "train_one_epoch"]
+__all__ = ["METHODS", "Criterion", "ProgressBar", "TrainConfig", "atomic_save", "epoch_generator",
+           "evaluate", "load_datasets", "predict_logits", "split_dataset", "train",
+           "train_one_epoch"]
 
 METHODS: tuple[str, ...] = ("ccnn", "ccnn-size", "mil", "full")
 CHECKPOINT = "checkpoint.pt"
@@ -143,7 +144,7 @@ class Criterion:
         return loss, stats
 
 
-def _seeded(seed: int, epoch: int) -> torch.Generator:
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """The generator of one epoch: shuffling and augmentation depend on ``(seed, epoch)`` only."""
     return torch.Generator().manual_seed(seed * 100_003 + epoch)
 
@@ -202,7 +203,7 @@ def evaluate(model: nn.Module, loader: Iterable[dict], num_classes: int,
     return cm.compute()
 
 
-def _atomic_save(obj: object, path: Path) -> None:
+def atomic_save(obj: object, path: Path) -> None:
     """Write to a temporary file beside ``path``, then rename: a crash leaves the old file."""
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -295,12 +296,12 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False,
     metrics = None
     for epoch in range(start_epoch, cfg.epochs):
         epoch_start = time.perf_counter()
-        generator = _seeded(cfg.seed, epoch)
+        generator = epoch_generator(cfg.seed, epoch)
         torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout and any other global draws
         loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True,
                             generator=generator, collate_fn=list, num_workers=cfg.num_workers)
         title = f"{cfg.method} {epoch + 1}/{cfg.epochs}"
-        with _ProgressBar(progress_bar, len(loader), title) as bar:
+        with ProgressBar(progress_bar, len(loader), title) as bar:
             stats = train_one_epoch(model, criterion, optimizer, scheduler, loader, device,
                                     generator, cfg, bar)
         metrics = evaluate(model, val_loader, num_classes, device)
@@ -309,7 +310,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False,
                   "val_miou": metrics["miou"], "val_pixel_accuracy": metrics["pixel_accuracy"],
                   "seconds": elapsed}
         history.append(record)
-        _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                       "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
                       "elapsed": elapsed, "config": dataclasses.asdict(cfg),
                       "num_classes": num_classes, "class_names": list(train_set.class_names),
@@ -348,8 +349,12 @@ def _resume(path: Path, cfg: TrainConfig, model: nn.Module, optimizer: torch.opt
     return int(state["epoch"]), float(state["elapsed"])
 
 
-class _ProgressBar:
-    """A tqdm bar whose postfix shows loss, violation and images/s (silent when disabled)."""
+_SHORT = {"violation": "viol", "images_per_second": "img_s", "accuracy": "acc"}
+
+
+class ProgressBar:
+    """A tqdm bar whose postfix shows a step's statistics (loss, violation, images/s...);
+    silent when disabled."""
 
     def __init__(self, enabled: bool, total: int, description: str) -> None:
         self.enabled, self.total, self.description = enabled, total, description
@@ -364,8 +369,8 @@ class _ProgressBar:
 
     def update(self, stats: dict) -> None:
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{stats['loss']:.3f}", viol=f"{stats['violation']:.3f}",
-                                 img_s=f"{stats['images_per_second']:.0f}")
+            self.bar.set_postfix({_SHORT.get(k, k): f"{v:.0f}" if k == "images_per_second"
+                                  else f"{v:.3f}" for k, v in stats.items()})
             self.bar.update()
 
     def __exit__(self, *exc: object) -> None:

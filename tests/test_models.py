@@ -68,7 +68,7 @@ def test_output_size_is_ceil_of_input_over_stride(name):
 def test_registry_errors():
     with pytest.raises(ValueError, match=r"unknown model 'unet'.*'vgg16-fcn'.*'deeplab-resnet101'"):
         build_model("unet", 3)
-    with pytest.raises(ValueError, match="no pretrained backbone"):
+    with pytest.raises(FileNotFoundError, match=r"backbone weights x\.pth not found"):
         build_model("small", 3, backbone_weights="x.pth")
 
 

@@ -19,6 +19,7 @@ from ccnn.demo import format_table, run_demo
 from ccnn.latent import solve_latent
 from ccnn.loss import ConstrainedLoss, mil_loss, pixel_loss
 from ccnn.metrics import ConfusionMatrix
+from ccnn.pretrain import PretrainConfig
 from ccnn.train import TrainConfig, train
 
 TINY = {"train_size": 24, "val_size": 8, "batch_size": 8, "dataset_options": {"image_size": 32},
@@ -212,9 +213,14 @@ def test_config_errors():
 
 
 def test_demo_table(tmp_path):
+    tiny_pretraining = PretrainConfig(images=16, val_images=8, epochs=1, image_size=32)
     table = run_demo(tmp_path, methods=("full", "ccnn"), epochs=1, progress_bar=False,
-                     log=lambda m: None, **TINY)
+                     pretraining=tiny_pretraining, log=lambda m: None, **TINY)
     assert set(table["methods"]) == {"full", "ccnn"}
+    assert 0 <= table["pretrain"]["accuracy"] <= 1 and table["pretrain"]["seconds"] > 0
+    backbone = torch.load(tmp_path / "backbone.pt")["state_dict"]
+    first = torch.load(tmp_path / "full" / "checkpoint.pt")["config"]
+    assert first["backbone_weights"] == str(tmp_path / "backbone.pt") and backbone
     row = table["methods"]["ccnn"]
     assert 0 <= row["miou"] <= 1 and 0 <= row["pixel_accuracy"] <= 1 and row["seconds"] > 0
     assert 0 < row["p_step_share"] < 1

@@ -24,7 +24,7 @@ __all__ = ["SHAPES", "SyntheticShapes"]
 SHAPES: tuple[str, ...] = ("disk", "square", "triangle", "ring", "cross")
 _PALETTE = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
                      [245, 130, 48]], dtype=np.uint8)
-_SPLITS = ("train", "val", "test")
+_SPLITS = ("train", "val", "test", "pretrain")
 
 
 def _shape_mask(kind: str, yy: np.ndarray, xx: np.ndarray, radius: float, angle: float
@@ -129,7 +129,8 @@ class SyntheticShapes(Dataset):
     """Shapes on clutter: the synthetic weak-label default (see the module docstring).
 
     Args:
-        split: ``"train"``, ``"val"`` or ``"test"`` (independent draws of the same distribution).
+        split: ``"train"``, ``"val"``, ``"test"`` or ``"pretrain"`` (independent draws; the
+            last is the classification set of :mod:`ccnn.pretrain`, drawn with one object).
         size: number of images.
         image_size: side of the square images in pixels.
         max_objects: at most this many objects per image (at least one).

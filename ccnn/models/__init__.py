@@ -54,18 +54,14 @@ def build_model(name: str, num_classes: int, *, backbone_weights: str | Path | N
     Args:
         name: a key of :data:`MODELS`.
         num_classes: output channels (classes, background included).
-        backbone_weights: a local torchvision checkpoint of the backbone; ``None`` starts the
-            large networks from random weights with a :class:`RandomWeightsWarning`.
+        backbone_weights: a local torchvision checkpoint of the backbone (for ``small``, a file
+            of ``ccnn pretrain``); ``None`` starts the large networks from random weights with
+            a :class:`RandomWeightsWarning` (``small`` starts from random weights silently).
         options: further keyword arguments of the model's constructor.
 
     Raises:
-        ValueError: ``name`` is unknown, or ``backbone_weights`` is given for ``small``.
+        ValueError: ``name`` is unknown, or ``backbone_weights`` do not fit the network.
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {tuple(MODELS)}")
-    if name == "small":
-        if backbone_weights is not None:
-            raise ValueError("the small network has no pretrained backbone: drop "
-                             "--backbone-weights or pick vgg16-fcn / deeplab-resnet*")
-        return MODELS[name](num_classes, **options)
     return MODELS[name](num_classes, backbone_weights=backbone_weights, **options)

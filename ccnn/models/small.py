@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from torch import Tensor, nn
+
+from ccnn.models.weights import load_backbone_weights
 
 __all__ = ["SmallSegNet"]
 
@@ -28,12 +32,15 @@ class SmallSegNet(nn.Module):
         num_classes: output channels (classes, background included).
         width: channels of the first block; the second has twice, the last four times as many.
         dilations: dilation of each convolution of the last block.
+        backbone_weights: a file written by ``ccnn pretrain`` (:mod:`ccnn.pretrain`) whose
+            ``features`` weights start the network; ``None`` starts from random weights.
     """
 
     output_stride = 4
 
     def __init__(self, num_classes: int, width: int = 24,
-                 dilations: tuple[int, ...] = (1, 2, 4)) -> None:
+                 dilations: tuple[int, ...] = (1, 2, 4),
+                 backbone_weights: str | Path | None = None) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
@@ -48,6 +55,8 @@ class SmallSegNet(nn.Module):
             cin = w3
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Conv2d(cin, num_classes, 1)
+        if backbone_weights is not None:
+            load_backbone_weights(self, backbone_weights, name="small", skip=("classifier.",))
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits ``(B, L, ceil(H/4), ceil(W/4))`` for normalised images ``(B, 3, H, W)``."""
