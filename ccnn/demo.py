@@ -78,7 +78,7 @@ def format_table(table: dict) -> str:
              f"{'P-step':>7}"]
     for method, row in rows.items():
         share = f"{100 * row['p_step_share']:.1f}%" if "p_step_share" in row else "-"
-        of_full = f"{100 * row['miou'] / full:.0f}%" if full else "-"
+        of_full = f"{100 * row['miou'] / full:.1f}%" if full else "-"
         lines.append(f"{method:<10} {row['miou']:>7.4f} {of_full:>8} "
                      f"{row['pixel_accuracy']:>10.4f} {row['seconds']:>8.1f} {share:>7}")
     if "pretrain" in table:
