@@ -63,3 +63,16 @@ def test_a_backbone_of_another_width_is_refused(tmp_path):
 def test_bad_settings_are_named(field, value):
     with pytest.raises(ValueError, match=f"pretrain {field}"):
         PretrainConfig(**{field: value})
+
+
+def test_command_line_writes_the_file_and_names_bad_settings(tmp_path, capsys):
+    from ccnn.cli import main
+
+    out = tmp_path / "bb.pt"
+    assert main(["pretrain", "--out", str(out), "--images", "16", "--epochs", "1",
+                 "--no-progress"]) == 0
+    assert f"weights in {out}" in capsys.readouterr().out
+    assert set(torch.load(out)) == {"state_dict", "head", "accuracy", "config"}
+    assert main(["pretrain", "--out", str(tmp_path / "x.pt"), "--images", "0"]) == 2
+    assert "pretrain images must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()
