@@ -3,7 +3,9 @@
 :func:`minres_qlp` solves ``(A − σI)·x = b`` or, when the system is singular and inconsistent,
 returns the minimum-length least-squares solution ``x = (A − σI)⁺·b``. It takes plain MINRES
 steps while the estimated condition number stays below ``tran_cond`` and switches to the QLP
-factorization of the Lanczos tridiagonal after that (Choi, Paige, Saunders 2011).
+factorization of the Lanczos tridiagonal after that (Choi, Paige, Saunders 2011). When storing
+the Lanczos vectors is cheap (``reorthogonalize="auto"``) they are reorthogonalized, and a
+least-squares solve ends with the minimum-length solution of the projected problem.
 
 The vectors live on ``b``'s device in ``b``'s dtype; the short recurrences of the method are
 carried in Python floats (double precision), so each iteration synchronises with the device twice
@@ -24,13 +26,19 @@ import enum
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-__all__ = ["Flag", "MinresQLPInfo", "minres_qlp"]
+__all__ = ["REORTH_BUDGET", "Flag", "MinresQLPInfo", "minres_qlp"]
 
 Operator = Tensor | Callable[[Tensor], Tensor]
+
+#: ``reorthogonalize="auto"`` stores the Lanczos vectors of a sparse or matrix-free ``A`` when they
+#: take at most this many elements (2²⁰ = 1 048 576: 8 MiB in float64), counted as
+#: ``n·min(maxit, n)``, twice that with a preconditioner; for a dense ``A`` it always stores them.
+REORTH_BUDGET = 2**20
 
 
 class Flag(enum.IntEnum):
@@ -111,6 +119,8 @@ class MinresQLPInfo:
         ``‖r‖`` (direct).
     arnorm : float
         ``‖(A − σI)r‖`` (direct).
+    reorthogonalized : bool
+        Whether each Lanczos vector was reorthogonalized against the stored previous ones.
     """
 
     flag: Flag
@@ -125,6 +135,7 @@ class MinresQLPInfo:
     axnorm: float
     rnorm: float
     arnorm: float
+    reorthogonalized: bool
 
     @property
     def message(self) -> str:
@@ -135,7 +146,7 @@ class MinresQLPInfo:
         return (
             f"MINRES-QLP stopped with flag {int(self.flag)} ({self.flag.name}): {self.message}\n"
             f"  iterations {self.iterations} (MINRES {self.minres_iterations}, "
-            f"QLP {self.qlp_iterations})\n"
+            f"QLP {self.qlp_iterations}, reorthogonalized {self.reorthogonalized})\n"
             f"  rnorm {self.rnorm:.3e}  relres {self.relres:.3e}  "
             f"arnorm {self.arnorm:.3e}  relAres {self.relAres:.3e}\n"
             f"  anorm {self.anorm:.3e}  acond {self.acond:.3e}  "
@@ -246,6 +257,140 @@ def _check_finite_positive(value: float, name: str) -> float:
     return f
 
 
+def _direct_norms(
+    op: Callable[[Tensor], Tensor], b: Tensor, x: Tensor
+) -> tuple[float, float, float, float]:
+    """``‖r‖, ‖(A − σI)r‖, ‖x‖, ‖(A − σI)x‖`` with ``r = b − (A − σI)x``, computed directly."""
+    r = b - op(x)
+    rnorm, arnorm, xnorm, axnorm = (
+        float(torch.linalg.vector_norm(z)) for z in (r, op(r), x, b - r)
+    )
+    return rnorm, arnorm, xnorm, axnorm
+
+
+def _direct_relares(
+    op: Callable[[Tensor], Tensor],
+    psolve: Callable[[Tensor], Tensor] | None,
+    b: Tensor,
+    x: Tensor,
+    anorm: float,
+) -> float:
+    """``‖(A − σI)r‖ / (anorm·‖r‖)``; with ``M = C·Cᵀ`` that of ``Cᵀ(A − σI)C``, computed directly.
+
+    With ``M`` the least-squares residual is ``Cᵀr`` and its optimality test
+    ``Cᵀ(A − σI)M·r = 0``; the norms come from ``‖Cᵀw‖² = wᵀM·w``.
+    """
+    r = b - op(x)
+    z = r if psolve is None else psolve(r)
+    w = op(z)
+    mw = w if psolve is None else psolve(w)
+    num = math.sqrt(max(float(torch.dot(w, mw)), 0.0))
+    return _safe_div(num, anorm * math.sqrt(max(float(torch.dot(r, z)), 0.0)))
+
+
+def _use_reorthogonalization(
+    reorthogonalize: bool | Literal["auto"], n: int, maxit: int, precon: bool, dense: bool
+) -> bool:
+    """Resolve ``reorthogonalize``; ``"auto"`` is on when storing the Lanczos vectors is cheap.
+
+    At most ``min(maxit, n)`` vectors are stored (``n`` of them span the space), twice as many
+    with a preconditioner (``r_j`` and ``M·r_j``). ``"auto"`` stores them when ``A`` is a dense
+    matrix (the vectors then take no more memory than ``A``, twice that with ``M``, and the extra
+    work at step ``k``, ``4·k·n`` flops, is at most twice the ``2·n²`` of the product) or when they
+    take at most :data:`REORTH_BUDGET` elements (all ``n`` steps up to ``n = 1024``). A large
+    sparse or matrix-free problem (``n = 10⁶``) keeps the three-vector recurrence and its cost.
+    """
+    if isinstance(reorthogonalize, bool):
+        return reorthogonalize
+    if reorthogonalize != "auto":
+        raise ValueError(f'reorthogonalize must be True, False or "auto", got {reorthogonalize!r}')
+    return dense or min(maxit, n) * n * (2 if precon else 1) <= REORTH_BUDGET
+
+
+class _LanczosBasis:
+    """The Lanczos vectors computed so far, for full reorthogonalization.
+
+    The Lanczos process of the paper (Table 2.1; preconditioned: Table 7.1 with ``z = M·r``)
+    makes each new vector orthogonal to the previous two only; in floating point the vectors
+    lose orthogonality once a Ritz value converges. Storing ``v_1 … v_k`` and projecting them out
+    of each new vector restores ``V_kᵀ V_k = I`` to working accuracy. Without ``M`` the rows are
+    ``v_j``. With ``M`` the method keeps the pair ``r_j`` (the vector before ``M``) and
+    ``z_j = M·r_j``, scaled as ``u_j = r_j/β_j`` and ``v_j = z_j/β_j``; the ``u_j`` are orthonormal
+    in the M-inner product (``u_iᵀ M u_j = v_iᵀ u_j = δ_ij``), so both are stored and
+    :meth:`orthogonalize` removes the same coefficients ``v_jᵀ r`` from ``r`` (along ``u_j``) and
+    from ``z`` (along ``v_j = M u_j``), which keeps ``z = M·r``.
+    """
+
+    def __init__(self, b: Tensor, capacity: int, precon: bool) -> None:
+        self.capacity = capacity  # at most n: n orthonormal vectors span the whole space
+        self.k = 0
+        rows = min(capacity, 32)  # grown by doubling, so memory follows the steps taken
+        self.v = b.new_empty((rows, b.shape[0]))
+        self.u = b.new_empty((rows, b.shape[0])) if precon else None
+        self.alphas: list[float] = []  # α_1 … α_k, the diagonal of T_k
+        self.betas: list[float] = []  # β_2 … β_{k+1}, its subdiagonal and the last row of T̄_k
+
+    def append(self, v: Tensor, u: Tensor | None) -> None:
+        """Store ``v_k`` (and ``u_k`` with a preconditioner); a full basis is left as it is."""
+        if self.k == self.capacity:
+            return
+        if self.k == self.v.shape[0]:
+            rows = min(2 * self.k, self.capacity)
+            self.v = torch.cat((self.v, self.v.new_empty((rows - self.k, self.v.shape[1]))))
+            if self.u is not None:
+                self.u = torch.cat((self.u, self.u.new_empty((rows - self.k, self.u.shape[1]))))
+        self.v[self.k].copy_(v)
+        if self.u is not None:
+            assert u is not None
+            self.u[self.k].copy_(u)
+        self.k += 1
+
+    def record(self, alpha: float, beta_kp1: float) -> None:
+        """Keep ``α_k`` and ``β_{k+1}``, column ``k`` of the Lanczos matrix ``T̄_k``."""
+        self.alphas.append(alpha)
+        self.betas.append(beta_kp1)
+
+    def min_length_solution(self, beta1: float, tol: float) -> Tensor | None:
+        """``V_k y`` for the minimum-length ``y`` of ``min ‖β₁e₁ − T̄_k y‖``, or None.
+
+        This is the projected problem that MINRES-QLP solves (Choi, Paige, Saunders 2011, §2:
+        ``x_k = V_k y_k`` with ``y_k`` the minimum-length least-squares solution for
+        ``T̄_k = [T_k; β_{k+1}e_kᵀ]``), here solved by a truncated SVD of the small
+        ``(k+1)×k`` matrix: singular values at or below ``tol·σ_max`` are taken as zero. It
+        returns None when there is none (``T̄_k`` numerically of full rank, so the QLP iterate
+        is already the answer) or when the basis is incomplete (more than ``n`` steps).
+        """
+        k = len(self.alphas)
+        if k == 0 or k != self.k:
+            return None
+        tbar = torch.zeros((k + 1, k), dtype=torch.float64)
+        idx = torch.arange(k)
+        tbar[idx, idx] = torch.tensor(self.alphas, dtype=torch.float64)
+        tbar[idx + 1, idx] = torch.tensor(self.betas, dtype=torch.float64)
+        tbar[idx[:-1], idx[:-1] + 1] = tbar[idx[:-1] + 1, idx[:-1]]
+        u, sig, vh = torch.linalg.svd(tbar, full_matrices=False)
+        keep = sig > tol * sig[0]
+        if bool(keep.all()):
+            return None
+        y = vh[keep].t() @ (beta1 * u[0, keep] / sig[keep])
+        return self.v[:k].t() @ y.to(dtype=self.v.dtype, device=self.v.device)
+
+    def orthogonalize(self, r: Tensor, z: Tensor | None) -> None:
+        """Project ``r`` (and ``z = M·r``) against the basis in place, twice.
+
+        Classical Gram–Schmidt applied twice ("twice is enough": Parlett, *The Symmetric
+        Eigenvalue Problem*, §6.9; Giraud, Langou, Rozložník 2005) leaves ``r`` orthogonal to the
+        basis to working accuracy; the second pass costs no host synchronisation to decide.
+        """
+        vk = self.v[: self.k]
+        uk = vk if self.u is None else self.u[: self.k]
+        for _ in range(2):
+            c = torch.mv(vk, r)  # v_jᵀ r, j = 1 … k
+            r.addmv_(uk.t(), c, alpha=-1.0)
+            if z is not None:
+                z.addmv_(vk.t(), c, alpha=-1.0)
+
+
 def minres_qlp(
     A: Operator,
     b: Tensor,
@@ -260,6 +405,7 @@ def minres_qlp(
     acondlim: float = 1e15,
     check: bool = False,
     callback: Callable[[Tensor], object] | None = None,
+    reorthogonalize: bool | Literal["auto"] = "auto",
 ) -> tuple[Tensor, MinresQLPInfo]:
     r"""Solve a symmetric system ``(A − σI)x = b``, or its minimum-length least-squares problem.
 
@@ -310,6 +456,19 @@ def minres_qlp(
     callback : callable, optional
         Called as ``callback(x)`` after each iteration with the current iterate (the solver's own
         buffer: copy it to keep it).
+    reorthogonalize : bool or "auto", optional
+        Store the Lanczos vectors and orthogonalize each new one against all of them, twice
+        (with ``M``: in the M-inner product, storing ``r_j`` and ``M·r_j``). This keeps
+        ``V_kᵀV_k = I`` to working accuracy, so the Lanczos matrix ``T̄_k`` is the exact
+        projection; when the solve ends on a numerically rank-deficient ``T̄_k`` without a
+        solution (a singular, inconsistent system) the answer is then recomputed as ``V_k y``
+        with ``y`` the minimum-length least-squares solution of the projected problem (truncated
+        SVD of the ``(k+1)×k`` matrix, singular values below ``max(rtol, √eps)·‖T̄_k‖`` dropped)
+        and kept when its direct relAres is at most ``max(rtol, √eps)``. Costs ``k·n`` stored
+        elements and ``4·k·n`` flops at step ``k``. ``"auto"`` (default) turns it on for a dense
+        ``A``, or when ``n·min(maxit, n)`` (twice that with ``M``) is at most
+        :data:`REORTH_BUDGET` = 2²⁰; otherwise (e.g. matrix-free, ``n = 10⁶``) the plain
+        three-term recurrence is used. ``info.reorthogonalized`` tells which.
 
     Returns
     -------
@@ -323,8 +482,9 @@ def minres_qlp(
     ------
     ValueError
         On a shape mismatch, a ``b`` that is not a finite real 1-D vector, a bad ``rtol``,
-        ``maxit``, ``shift`` or limit, a non-symmetric ``A`` or non-SPD ``M`` when
-        ``check=True``, and when ``M`` turns out indefinite (``rᵀMr < 0``) during the solve.
+        ``maxit``, ``shift``, limit or ``reorthogonalize``, a non-symmetric ``A`` or non-SPD
+        ``M`` when ``check=True``, and when ``M`` turns out indefinite (``rᵀMr < 0``) during
+        the solve.
 
     References
     ----------
@@ -383,6 +543,8 @@ def minres_qlp(
     precon = M is not None
     if precon:
         psolve, M_mat = _as_operator(M, n, dtype, device, "M")
+    dense = A_mat is not None and A_mat.layout == torch.strided
+    reorth = _use_reorthogonalization(reorthogonalize, n, maxit, precon, dense)
     if x0 is not None:
         if not isinstance(x0, Tensor) or x0.shape != (n,):
             got = tuple(x0.shape) if isinstance(x0, Tensor) else type(x0).__name__
@@ -454,12 +616,15 @@ def minres_qlp(
     r1 = torch.zeros_like(b)  # β_{k−1}·v_{k−1} (unpreconditioned scale)
     xl2: Tensor | None = None  # x_{k−2}^{QLP}: the part of x that no longer changes
     xbest: Tensor | None = None  # best truncated QLP iterate x_k − μ_k w_k (least-squares regime)
+    basis = _LanczosBasis(b, min(maxit, n), precon) if reorth else None
 
     while flag is flag0 and it < maxit:
         # ---- Lanczos step k: β_{k+1} v_{k+1} = (A − σI) v_k − α_k v_k − β_k v_{k−1} ----------
         it += 1
         beta_km1, beta = beta, beta_kp1  # β_{k−1}, β_k
         torch.mul(r3, 1.0 / beta, out=v)  # v_k
+        if basis is not None:
+            basis.append(v, r2 / beta if precon else None)
         y = matvec(v)
         # fresh r3 in the old r₁ buffer: A v_k − (β_k/β_{k−1}) r₁
         r3 = torch.sub(y, r1, alpha=(beta / beta_km1) if it > 1 else 0.0, out=r1)
@@ -470,6 +635,10 @@ def minres_qlp(
         r1, r2 = r2, r3
         if precon:
             r3 = psolve(r2)
+            if basis is not None and r3.data_ptr() == r2.data_ptr():
+                r3 = r3.clone()  # M returned its input: r and z = M·r are updated separately
+        if basis is not None:
+            basis.orthogonalize(r2, r3 if precon else None)  # β_{k+1} v_{k+1} ⟂ v_1 … v_k
             beta_kp1_sq = float(torch.dot(r2, r3))
             if beta_kp1_sq < 0.0:
                 raise ValueError(
@@ -483,6 +652,8 @@ def minres_qlp(
                 f"non-finite value in the Lanczos process at iteration {it}: "
                 f"alpha = {alpha}, beta = {beta_kp1} (does A·v or M·r overflow or give nan?)"
             )
+        if basis is not None:
+            basis.record(alpha, beta_kp1)
         if it == 1 and beta_kp1 == 0.0:
             # (A − σI) v₁ = α₁ v₁: b is an eigenvector (or in the null space when α₁ = 0)
             if alpha == 0.0:
@@ -665,12 +836,20 @@ def minres_qlp(
         flag = Flag.MAXIT  # maxit = 0
 
     # ---- final quantities, computed directly -------------------------------------------------
-    r = b - op(x)
-    ar = op(r)
-    rnorm = float(torch.linalg.vector_norm(r))
-    arnorm = float(torch.linalg.vector_norm(ar))
-    xnorm = float(torch.linalg.vector_norm(x))
-    axnorm = float(torch.linalg.vector_norm(b - r))
+    norms = _direct_norms(op, b, x)
+    if basis is not None and flag not in _SOLVED:
+        # T̄_k is known and V_k orthonormal: a numerically rank-deficient T̄_k (a singular,
+        # inconsistent system) gets the minimum-length solution of the projected problem. It is
+        # kept when its direct relAres (of the preconditioned operator with M) reaches the
+        # least-squares regime.
+        dx = basis.min_length_solution(beta1, ls_gate)
+        if dx is not None:
+            x_svd = dx if x0 is None else x0 + dx
+            relares_svd = _direct_relares(op, psolve if precon else None, b, x_svd, anorm)
+            if relares_svd <= ls_gate:
+                x, norms = x_svd, _direct_norms(op, b, x_svd)
+                flag = Flag.LEAST_SQUARES_RTOL if relares_svd <= rtol else Flag.LEAST_SQUARES_EPS
+    rnorm, arnorm, xnorm, axnorm = norms
     info = MinresQLPInfo(
         flag=flag,
         iterations=it,
@@ -684,5 +863,6 @@ def minres_qlp(
         axnorm=axnorm,
         rnorm=rnorm,
         arnorm=arnorm,
+        reorthogonalized=reorth,
     )
     return x, info
