@@ -299,20 +299,36 @@ def test_x0_warm_start():
     torch.testing.assert_close(x, t([3.0, 2.0, 2.0]))
 
 
-def test_jacobi_preconditioner_reduces_iterations():
+@pytest.mark.parametrize("reorthogonalize", ["auto", False])
+def test_jacobi_preconditioner_reduces_iterations(reorthogonalize):
     rng = np.random.default_rng(8)
     n = 200
     d = np.logspace(0, 4, n)
     A = np.diag(d) + 0.5 * (np.eye(n, k=1) + np.eye(n, k=-1))  # SPD, badly scaled
     b = rng.standard_normal(n)
-    x_plain, i_plain = minres_qlp(t(A), t(b), rtol=1e-10)
+    opts = {"rtol": 1e-10, "reorthogonalize": reorthogonalize}
+    x_plain, i_plain = minres_qlp(t(A), t(b), **opts)
     dinv = t(1.0 / np.diag(A))
-    x_pc, i_pc = minres_qlp(t(A), t(b), rtol=1e-10, M=lambda r: dinv * r)
-    x_pm, _ = minres_qlp(t(A), t(b), rtol=1e-10, M=torch.diag(dinv), check=True)
+    x_pc, i_pc = minres_qlp(t(A), t(b), M=lambda r: dinv * r, **opts)
+    x_pm, _ = minres_qlp(t(A), t(b), M=torch.diag(dinv), check=True, **opts)
+    assert i_pc.reorthogonalized is (reorthogonalize == "auto")
     xt = np.linalg.solve(A, b)
     assert relerr(x_pc, xt) < 1e-8 and relerr(x_plain, xt) < 1e-5
     torch.testing.assert_close(x_pm, x_pc, atol=1e-10, rtol=1e-10)
     assert i_pc.iterations < i_plain.iterations / 2, (i_pc.iterations, i_plain.iterations)
+
+
+@pytest.mark.parametrize("reorthogonalize", [True, False])
+def test_preconditioned_solve_matches_the_dense_solve(reorthogonalize):
+    rng = np.random.default_rng(21)
+    n = 120
+    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    A = Q @ np.diag(np.linspace(1.0, 1e3, n)) @ Q.T  # SPD, far from diagonal
+    b = rng.standard_normal(n)
+    M = t(np.diag(1.0 / np.diag(A)))
+    x, info = minres_qlp(t(A), t(b), rtol=1e-10, M=M, reorthogonalize=reorthogonalize)
+    assert info.flag.converged and info.reorthogonalized is reorthogonalize
+    assert relerr(x, np.linalg.solve(A, b)) < 1e-7, str(info)
 
 
 def test_float32():

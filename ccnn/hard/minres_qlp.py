@@ -639,6 +639,7 @@ def minres_qlp(
                 r3 = r3.clone()  # M returned its input: r and z = M·r are updated separately
         if basis is not None:
             basis.orthogonalize(r2, r3 if precon else None)  # β_{k+1} v_{k+1} ⟂ v_1 … v_k
+        if precon:
             beta_kp1_sq = float(torch.dot(r2, r3))
             if beta_kp1_sq < 0.0:
                 raise ValueError(
