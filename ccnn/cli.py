@@ -86,6 +86,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--p-method", choices=("newton", "pgd"), help="P-step solver (newton)")
     p.add_argument("--p-tol", type=float, help="P-step KKT tolerance (1e-6)")
     p.add_argument("--hardness", type=float, help="CCNN's hardness s of the P-step")
+    p.add_argument("--crf", action=argparse.BooleanOptionalAction, default=None,
+                   help="also report the final metrics after the dense CRF (synthetic: on)")
     p.add_argument("--train-size", type=int, help="synthetic: training images (1000)")
     p.add_argument("--val-size", type=int, help="synthetic: validation images (200)")
     p.add_argument("--seed", type=int, default=0, help="default 0")
@@ -139,6 +141,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", help="dataset split (default the run's validation split)")
     p.add_argument("--data-root", help="folder of the datasets (default the run's)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--crf", action="store_true",
+                   help="refine the predictions with the dense CRF first (CCNN's test time)")
     p.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
 
 
@@ -147,6 +151,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="a checkpoint.pt written by ccnn train")
     p.add_argument("input", help="folder of images (.jpg, .jpeg, .png, .bmp)")
     p.add_argument("output", help="folder for the PNG masks (created)")
+    p.add_argument("--crf", action="store_true",
+                   help="refine the predictions with the dense CRF first (CCNN's test time)")
     p.add_argument("--device", default="cpu")
 
 

@@ -15,7 +15,7 @@ __all__ = ["config_from_args", "main_demo", "main_evaluate", "main_predict", "ma
 _FIELDS = ("model", "backbone_weights", "epochs", "batch_size", "optimizer", "lr", "momentum",
            "weight_decay", "schedule", "crop", "scale", "flip", "p_method", "p_tol", "hardness",
            "seed", "device", "num_workers", "data_root", "train_size", "val_size",
-           "train_split", "val_split")
+           "train_split", "val_split", "crf")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -34,7 +34,8 @@ def main_train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     out = Path(args.out or f"runs/{args.preset}-{args.method}")
     summary = train(cfg, out, resume=args.resume, progress_bar=args.progress, log=_stderr)
-    print(f"{cfg.method}: mIoU {summary['miou']:.4f}, pixel accuracy "
+    crf = f" (with the dense CRF {summary['crf']['miou']:.4f})" if "crf" in summary else ""
+    print(f"{cfg.method}: mIoU {summary['miou']:.4f}{crf}, pixel accuracy "
           f"{summary['pixel_accuracy']:.4f}, {summary['seconds']:.0f} s; report in "
           f"{out / 'report'}")
     return 0
@@ -74,8 +75,9 @@ def main_evaluate(args: argparse.Namespace) -> int:
     from ccnn.inference import evaluate_checkpoint
 
     m = evaluate_checkpoint(args.checkpoint, split=args.split, data_root=args.data_root,
-                            device=args.device)
-    print(f"{args.checkpoint} on {m['split']} ({m['images']} images): mIoU {m['miou']:.4f}, "
+                            device=args.device, crf=args.crf)
+    crf = ", dense CRF" if args.crf else ""
+    print(f"{args.checkpoint} on {m['split']} ({m['images']} images{crf}): mIoU {m['miou']:.4f}, "
           f"pixel accuracy {m['pixel_accuracy']:.4f}, mean accuracy {m['mean_accuracy']:.4f}")
     for name, iou in zip(m["class_names"], m["iou"], strict=True):
         print(f"  {name:<16} {'-' if iou != iou else f'{iou:.4f}'}")
@@ -90,6 +92,7 @@ def main_predict(args: argparse.Namespace) -> int:
     """``ccnn predict``: colour masks for a folder of images."""
     from ccnn.inference import predict_folder
 
-    written = predict_folder(args.checkpoint, args.input, args.output, device=args.device)
+    written = predict_folder(args.checkpoint, args.input, args.output, device=args.device,
+                             crf=args.crf)
     print(f"wrote {len(written)} masks to {args.output}")
     return 0

@@ -34,8 +34,9 @@ def run_demo(out: str | Path, *, seed: int = 0, methods: Sequence[str] = DEMO_ME
     seconds.  Also draws every method's validation mIoU and constraint violation into
     ``out/curves.png``.
 
-    A row holds ``miou``, ``pixel_accuracy``, ``seconds`` (training and validation time) and,
-    for the constrained methods, ``p_step_share`` (the P-step's share of a training step).
+    A row holds ``miou``, ``pixel_accuracy``, ``seconds`` (training and validation time), with
+    the preset's dense CRF ``crf`` (the same metrics after CCNN's test-time refinement) and, for
+    the constrained methods, ``p_step_share`` (the P-step's share of a training step).
     ``overrides`` replace preset settings (tests use them to make the run tiny).
     """
     unknown = [m for m in methods if m not in METHODS]
@@ -61,6 +62,8 @@ def run_demo(out: str | Path, *, seed: int = 0, methods: Sequence[str] = DEMO_ME
         histories[method] = summary["history"]
         row = {"miou": summary["miou"], "pixel_accuracy": summary["pixel_accuracy"],
                "seconds": summary["seconds"]}
+        if "crf" in summary:
+            row["crf"] = {k: summary["crf"][k] for k in ("miou", "pixel_accuracy", "seconds")}
         if method.startswith("ccnn"):
             history = summary["history"]
             row["p_step_share"] = sum(h["p_seconds"] for h in history) / max(
@@ -73,14 +76,23 @@ def run_demo(out: str | Path, *, seed: int = 0, methods: Sequence[str] = DEMO_ME
 def format_table(table: dict) -> str:
     """The demo's table as text: one row per method, mIoU relative to ``full`` when present."""
     rows = table["methods"]
-    full = rows.get("full", {}).get("miou")
-    lines = [f"{'method':<10} {'mIoU':>7} {'of full':>8} {'pixel acc':>10} {'seconds':>8} "
-             f"{'P-step':>7}"]
+    full = rows.get("full", {})
+
+    def of_full(row: dict, key: str) -> str:
+        ref = full.get(key, {}).get("miou") if key else full.get("miou")
+        value = row.get(key, {}).get("miou") if key else row["miou"]
+        return f"{100 * value / ref:.1f}%" if ref and value is not None else "-"
+
+    def crf(row: dict) -> str:
+        return f"{row['crf']['miou']:.4f}" if "crf" in row else "-"
+
+    lines = [f"{'method':<10} {'mIoU':>7} {'of full':>8} {'+CRF':>7} {'of full':>8} "
+             f"{'pixel acc':>10} {'seconds':>8} {'P-step':>7}"]
     for method, row in rows.items():
         share = f"{100 * row['p_step_share']:.1f}%" if "p_step_share" in row else "-"
-        of_full = f"{100 * row['miou'] / full:.1f}%" if full else "-"
-        lines.append(f"{method:<10} {row['miou']:>7.4f} {of_full:>8} "
-                     f"{row['pixel_accuracy']:>10.4f} {row['seconds']:>8.1f} {share:>7}")
+        lines.append(f"{method:<10} {row['miou']:>7.4f} {of_full(row, ''):>8} {crf(row):>7} "
+                     f"{of_full(row, 'crf'):>8} {row['pixel_accuracy']:>10.4f} "
+                     f"{row['seconds']:>8.1f} {share:>7}")
     if "pretrain" in table:
         pre = table["pretrain"]
         lines.append(f"(backbone pretrained in {pre['seconds']:.1f} s, shape classification "

@@ -10,6 +10,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ccnn.crf import CRFParams, crf_refine
 from ccnn.data.files import read_rgb
 from ccnn.data.transforms import collate
 from ccnn.models import RandomWeightsWarning, build_model
@@ -41,23 +42,27 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[nn.Module, d
 
 
 def evaluate_checkpoint(path: str | Path, *, split: str | None = None, data_root: str | None = None,
-                        device: str = "cpu", batch_size: int | None = None) -> dict:
-    """Metrics of a checkpoint on a split of the dataset it was trained on."""
+                        device: str = "cpu", batch_size: int | None = None,
+                        crf: bool = False) -> dict:
+    """Metrics of a checkpoint on a split of the dataset it was trained on (``crf``: after the
+    dense CRF of :mod:`ccnn.crf`)."""
     model, state = load_checkpoint(path, device)
     cfg = TrainConfig(**{**state["config"], **({"data_root": data_root} if data_root else {})})
     split = split or cfg.val_split
     size = {cfg.train_split: cfg.train_size, cfg.val_split: cfg.val_size}.get(split)
     dataset = split_dataset(cfg, split, size)
     loader = DataLoader(dataset, batch_size=batch_size or cfg.eval_batch_size, collate_fn=collate)
-    metrics = evaluate(model, loader, state["num_classes"], torch.device(device))
+    metrics = evaluate(model, loader, state["num_classes"], torch.device(device),
+                       crf=CRFParams() if crf else None)
     return {**metrics, "class_names": state["class_names"], "split": split,
             "images": len(dataset)}
 
 
 @torch.no_grad()
 def predict_folder(checkpoint: str | Path, images: str | Path, output: str | Path, *,
-                   device: str = "cpu") -> list[Path]:
-    """Colour PNG masks (the training dataset's palette) for every image in a folder."""
+                   device: str = "cpu", crf: bool = False) -> list[Path]:
+    """Colour PNG masks (the training dataset's palette) for every image in a folder
+    (``crf``: refined by the dense CRF of :mod:`ccnn.crf` first)."""
     model, state = load_checkpoint(checkpoint, device)
     images, output = Path(images), Path(output)
     if not images.is_dir():
@@ -70,7 +75,11 @@ def predict_folder(checkpoint: str | Path, images: str | Path, output: str | Pat
     written = []
     for file in files:
         image = read_rgb(file)
-        labels = predict_logits(model, image[None].to(device)).argmax(1)[0].cpu()
+        batch = image[None].to(device)
+        scores = predict_logits(model, batch)
+        if crf:
+            scores = crf_refine(batch, scores, CRFParams())
+        labels = scores.argmax(1)[0].cpu()
         target = output / f"{file.stem}.png"
         Image.fromarray(colorize(labels, palette)).save(target)
         written.append(target)

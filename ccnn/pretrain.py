@@ -42,7 +42,7 @@ class PretrainConfig:
     """
 
     images: int = 3000
-    val_images: int = 500
+    val_images: int = 250
     epochs: int = 6
     batch_size: int = 32
     lr: float = 5e-4

@@ -224,6 +224,7 @@ def test_demo_table(tmp_path):
     row = table["methods"]["ccnn"]
     assert 0 <= row["miou"] <= 1 and 0 <= row["pixel_accuracy"] <= 1 and row["seconds"] > 0
     assert 0 < row["p_step_share"] < 1
+    assert 0 <= row["crf"]["miou"] <= 1 and row["crf"]["seconds"] > 0
     assert (tmp_path / "curves.png").is_file()
     text = format_table(table)
     assert "ccnn" in text and "full" in text
@@ -236,19 +237,26 @@ def test_cli_train_evaluate_predict(tmp_path, capsys):
     assert main(["train", "--method", "mil", "--epochs", "1", "--train-size", "8",
                  "--val-size", "4", "--batch-size", "4", "--out", str(out),
                  "--no-progress"]) == 0
-    assert "mil: mIoU" in capsys.readouterr().out
+    assert "with the dense CRF" in capsys.readouterr().out  # the synthetic preset's default
+    summary = json.loads((out / "report" / "metrics.json").read_text())
     checkpoint = out / "checkpoint.pt"
     assert main(["evaluate", str(checkpoint), "--json", str(tmp_path / "m.json")]) == 0
     assert "disk" in capsys.readouterr().out
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["images"] == 4 and 0 <= metrics["miou"] <= 1
+    assert metrics["miou"] == summary["miou"]
+    assert main(["evaluate", str(checkpoint), "--crf", "--json", str(tmp_path / "c.json")]) == 0
+    assert "dense CRF" in capsys.readouterr().out
+    assert json.loads((tmp_path / "c.json").read_text())["miou"] == summary["crf"]["miou"]
 
     images = tmp_path / "images"
     images.mkdir()
     Image.fromarray(np.zeros((40, 30, 3), dtype=np.uint8)).save(images / "a.png")
-    assert main(["predict", str(checkpoint), str(images), str(tmp_path / "masks")]) == 0
-    mask = Image.open(tmp_path / "masks" / "a.png")
-    assert mask.size == (30, 40) and mask.mode == "RGB"
+    for extra, folder in (([], "masks"), (["--crf"], "crf_masks")):
+        assert main(["predict", str(checkpoint), str(images), str(tmp_path / folder),
+                     *extra]) == 0
+        mask = Image.open(tmp_path / folder / "a.png")
+        assert mask.size == (30, 40) and mask.mode == "RGB"
 
 
 def test_cli_errors(tmp_path, capsys):
