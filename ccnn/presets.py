@@ -19,7 +19,7 @@ PRESETS: dict[str, dict] = {
     # Its objects are smaller than VOC's (27% of them under 10% of the image), so the size
     # constraints treat a class as absent only under 2% (CCNN's 10% would suppress them).
     "synthetic": {"dataset": "synthetic", "model": "small", "optimizer": "adam", "lr": 5e-4,
-                  "weight_decay": 1e-4, "batch_size": 16, "epochs": 16, "schedule": "poly",
+                  "weight_decay": 1e-4, "batch_size": 16, "epochs": 14, "schedule": "poly",
                   "bounds": {"size_threshold": 0.02}, "crf": True,
                   "eval_batch_size": 50},
     # PASCAL VOC 2012: SBD's train_aug (10,582 images): 35k iterations is about 3.3 epochs.
