@@ -70,7 +70,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--model", help="small, vgg16-fcn, deeplab-resnet50 or deeplab-resnet101")
     p.add_argument("--backbone-weights", metavar="PATH",
-                   help="local torchvision checkpoint of the backbone (else random weights)")
+                   help="local torchvision checkpoint of the backbone, or for the small "
+                        "network a file of ccnn pretrain (else random weights)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--optimizer", choices=("sgd", "adam"))
