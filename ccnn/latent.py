@@ -449,9 +449,9 @@ def _project(x: Tensor, side: Tensor, held: Tensor, box: _Box) -> Tensor:
     return torch.where(side > 0, pos, torch.where(side < 0, neg, held))
 
 
-def _newton(ev: _Evaluator, box: _Box, tol: float, max_iter: int) -> tuple[Tensor, Tensor]:
-    """Projected Newton on the dual; returns ``λ`` and the iterations per image."""
-    lam = torch.zeros_like(box.lo)
+def _newton(ev: _Evaluator, box: _Box, tol: float, max_iter: int, lam: Tensor
+            ) -> tuple[Tensor, Tensor]:
+    """Projected Newton on the dual from ``λ``; returns ``λ`` and the iterations per image."""
     progress = _Progress(lam)
     value, m, H = ev.value_grad(lam, hessian=True)
     F = value + box.linear(lam)
@@ -494,11 +494,12 @@ def _newton(ev: _Evaluator, box: _Box, tol: float, max_iter: int) -> tuple[Tenso
     return progress.lam, progress.iterations
 
 
-def _pgd(ev: _Evaluator, box: _Box, tol: float, max_iter: int) -> tuple[Tensor, Tensor]:
-    """CCNN's projected gradient on (μ, ν) with its adaptive step; returns ``λ = μ − ν``."""
+def _pgd(ev: _Evaluator, box: _Box, tol: float, max_iter: int, lam: Tensor
+         ) -> tuple[Tensor, Tensor]:
+    """CCNN's projected gradient on (μ, ν) from ``λ = μ − ν`` with its adaptive step; returns
+    ``λ``."""
     N = ev.size
-    mu = torch.zeros_like(box.lo)
-    nu = torch.zeros_like(box.lo)
+    mu, nu = lam.clamp(min=0), (-lam).clamp(min=0)
     progress = _Progress(mu)
     step = torch.full_like(mu[:, :1], _PGD_STEP0 / N)
 
@@ -533,6 +534,22 @@ def _pgd(ev: _Evaluator, box: _Box, tol: float, max_iter: int) -> tuple[Tensor, 
 # --------------------------------------------------------------------------------------------
 
 
+def _start(init: Tensor | None, prob: _Compact) -> Tensor:
+    """The starting multipliers in compact coordinates: ``init`` on the present classes."""
+    lam = torch.zeros_like(prob.box.lo)
+    if init is None:
+        return lam
+    B, K = prob.idx.shape
+    if not isinstance(init, Tensor) or init.dim() != 2 or init.shape[0] != B:
+        shape = tuple(init.shape) if isinstance(init, Tensor) else type(init).__name__
+        raise ValueError(f"init must be (B, L) multipliers with B = {B}, got {shape}")
+    start = init.to(device=lam.device, dtype=_DTYPE).gather(1, prob.idx)
+    start = torch.where(prob.valid & torch.isfinite(start), start, 0.0)
+    cap = prob.box.cap[:, :K]
+    lam[:, :K] = torch.maximum(torch.minimum(start, cap), -cap)
+    return lam
+
+
 @torch.no_grad()
 def solve_latent(
     logits: Tensor,
@@ -545,6 +562,7 @@ def solve_latent(
     tol: float = 1e-6,
     max_iter: int | None = None,
     evaluation: Evaluation = "auto",
+    init: Tensor | None = None,
 ) -> LatentResult:
     """Latent distribution P closest in KL to ``softmax(logits)`` under fraction bounds.
 
@@ -568,6 +586,9 @@ def solve_latent(
             The factored form needs logits whose spread at a pixel is at most 300 (exp must
             not underflow); ``"auto"`` takes the direct one beyond that (CCNN's hardness 1000
             scales the logits so far).
+        init: multipliers to start from, ``(B, L)`` like :attr:`LatentResult.multipliers`
+            (e.g. the last solve of the same images: a warm start); non-finite entries start at
+            0, the rest are clipped to the caps.  Default: all 0.
 
     Returns:
         A :class:`LatentResult`.
@@ -614,7 +635,7 @@ def solve_latent(
     else:
         ev = _Weighted(prob.f, prob.region_class, prob.region_weights)
     solver = _newton if method == "newton" else _pgd
-    lam, iters = solver(ev, prob.box, tol, max_iter)
+    lam, iters = solver(ev, prob.box, tol, max_iter, _start(init, prob))
 
     Pc = ev.probabilities(lam)
     m = ev.fractions(Pc)

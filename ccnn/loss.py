@@ -72,10 +72,11 @@ class ConstrainedLoss(nn.Module):
 
     @torch.no_grad()
     def latent(self, logits: Tensor, lower: Tensor | float, upper: Tensor | float,
-               slack: Tensor | float = math.inf, *, regions: RegionConstraints | None = None
-               ) -> LatentResult:
+               slack: Tensor | float = math.inf, *, regions: RegionConstraints | None = None,
+               init: Tensor | None = None) -> LatentResult:
         """The P-step alone.  With hardness ``s`` the dual in ``sλ`` is CCNN's with logits
-        ``s·f`` and slack ``s·β``, so the solver runs on those."""
+        ``s·f`` and slack ``s·β``, so the solver runs on those.  ``init``: multipliers to start
+        from (those of an earlier solve of the same images, in the same units)."""
         s = self.hardness
         if s != 1.0:
             slack = s * (torch.as_tensor(slack) if not isinstance(slack, Tensor) else slack)
@@ -84,16 +85,17 @@ class ConstrainedLoss(nn.Module):
                                             regions.upper, s * regions.slack)
         start = time.perf_counter()
         result = solve_latent(s * logits.detach(), lower, upper, slack, regions=regions,
-                              method=self.method, tol=self.tol, max_iter=self.max_iter)
+                              method=self.method, tol=self.tol, max_iter=self.max_iter,
+                              init=init)
         self.last_seconds = time.perf_counter() - start
         self.last = result
         return result
 
     def forward(self, logits: Tensor, lower: Tensor | float, upper: Tensor | float,
-                slack: Tensor | float = math.inf, *, regions: RegionConstraints | None = None
-                ) -> Tensor:
+                slack: Tensor | float = math.inf, *, regions: RegionConstraints | None = None,
+                init: Tensor | None = None) -> Tensor:
         """``H(P, Q)`` for logits ``(B, L, H, W)`` and per-image bounds ``(B, L)``."""
-        P = self.latent(logits, lower, upper, slack, regions=regions).P
+        P = self.latent(logits, lower, upper, slack, regions=regions, init=init).P
         return soft_cross_entropy(logits, P)
 
 

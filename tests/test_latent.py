@@ -351,3 +351,27 @@ def test_hardness_1000_approaches_the_linear_program():
     assert lp.status == 0
     ours = (r.P[0] * f[0]).sum().item() / N
     assert ours == pytest.approx(-lp.fun, abs=5e-3)  # entropy costs at most log(L)/s
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_warm_start_reaches_the_cold_solution(method):
+    logits, _, bounds = random_problem(8, 6, 8, 8, varied=True, seed=12, dtype=torch.float64)
+    cold = solve_latent(logits, *bounds, method=method, tol=1e-9)
+    again = solve_latent(logits, *bounds, method=method, tol=1e-9, init=cold.multipliers)
+    assert cold.converged.any() and (again.iterations[cold.converged] == 0).all()
+    g = torch.Generator().manual_seed(3)
+    moved = logits + 0.3 * torch.randn(logits.shape, generator=g, dtype=torch.float64)
+    ref = solve_latent(moved, *bounds, method=method, tol=1e-9)
+    warm = solve_latent(moved, *bounds, method=method, tol=1e-9, init=cold.multipliers)
+    # pgd may stop on CCNN's step rule before tol: compare where both reached it
+    both = warm.converged & ref.converged
+    assert both.all() if method == "newton" else both.sum() >= 6
+    torch.testing.assert_close(warm.P[both], ref.P[both], atol=1e-6, rtol=0)
+    if method == "newton":
+        assert warm.iterations.sum() < ref.iterations.sum()
+    garbage = torch.full_like(cold.multipliers, 1e6)
+    garbage[:, 1] = math.nan  # non-finite entries start at 0, huge ones at the caps
+    torch.testing.assert_close(solve_latent(moved, *bounds, tol=1e-9, init=garbage).P, ref.P,
+                               atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="init must be"):
+        solve_latent(moved, *bounds, init=cold.multipliers[:3])
