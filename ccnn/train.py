@@ -111,10 +111,6 @@ class Criterion:
 
     Every method reports ``violation``: how far the network's own class fractions (the mean of Q
     over pixels) lie outside the tag bounds — the quantity CCNN's constraints push down.
-
-    The constrained methods keep each training image's last P-step multipliers in
-    ``multipliers`` (by image name) and start its next P-step from them: the network changes
-    little between two visits, so the solver needs fewer Newton iterations.
     """
 
     def __init__(self, method: str, num_classes: int, background: int | None, *,
@@ -125,7 +121,6 @@ class Criterion:
         self.method, self.num_classes, self.background = method, num_classes, background
         self.bounds = dict(bounds or {})
         self.constrained = ConstrainedLoss(p_method, p_tol, hardness=hardness)
-        self.multipliers: dict[str, Tensor] = {}
 
     def tag_bounds(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
         """``lower, upper, slack`` ``(B, L)`` of the batch's tags (and sizes for ``ccnn-size``)."""
@@ -137,12 +132,8 @@ class Criterion:
         lower, upper, slack = (t.to(logits.device) for t in self.tag_bounds(batch))
         p_seconds = 0.0
         if self.method in ("ccnn", "ccnn-size"):
-            unseen = torch.full((logits.shape[1],), math.nan, dtype=torch.float64)
-            init = torch.stack([self.multipliers.get(n, unseen) for n in batch["name"]])
-            loss = self.constrained(logits, lower, upper, slack, init=init)
+            loss = self.constrained(logits, lower, upper, slack)
             p_seconds = self.constrained.last_seconds
-            lam = self.constrained.last.multipliers.detach().to("cpu", torch.float64)
-            self.multipliers.update(zip(batch["name"], lam, strict=True))
         elif self.method == "mil":
             loss = mil_loss(logits, batch["tags"].to(logits.device))
         else:
@@ -303,8 +294,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False,
     start_epoch, elapsed = 0, 0.0
     checkpoint_path = out / CHECKPOINT
     if resume:
-        start_epoch, elapsed = _resume(checkpoint_path, cfg, model, optimizer, scheduler,
-                                       criterion)
+        start_epoch, elapsed = _resume(checkpoint_path, cfg, model, optimizer, scheduler)
         log(f"resumed from {checkpoint_path} after epoch {start_epoch}")
     history = _read_log(out / LOG, start_epoch)
     (out / LOG).write_text("".join(json.dumps(r) + "\n" for r in history))
@@ -330,7 +320,6 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False,
         history.append(record)
         atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                       "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
-                      "multipliers": criterion.multipliers,
                       "elapsed": elapsed, "config": dataclasses.asdict(cfg),
                       "num_classes": num_classes, "class_names": list(train_set.class_names),
                       "palette": train_set.palette.tolist()}, checkpoint_path)
@@ -356,8 +345,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False,
 
 
 def _resume(path: Path, cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
-            scheduler: torch.optim.lr_scheduler.LRScheduler, criterion: Criterion
-            ) -> tuple[int, float]:
+            scheduler: torch.optim.lr_scheduler.LRScheduler) -> tuple[int, float]:
     """Load a checkpoint into the run's objects; returns ``(epochs done, seconds spent)``."""
     if not path.exists():
         raise FileNotFoundError(f"--resume: no checkpoint at {path}")
@@ -371,7 +359,6 @@ def _resume(path: Path, cfg: TrainConfig, model: nn.Module, optimizer: torch.opt
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    criterion.multipliers = dict(state.get("multipliers", {}))  # warm starts of the P-step
     return int(state["epoch"]), float(state["elapsed"])
 
 
