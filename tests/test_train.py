@@ -79,6 +79,11 @@ def test_hardness_is_the_solver_on_scaled_logits():
     hard = ConstrainedLoss(hardness=5.0).latent(logits, lower, upper, slack)
     direct = solve_latent(5 * logits, lower, upper, 5 * slack)
     torch.testing.assert_close(hard.P, direct.P)
+    # a warm start from the solve's own multipliers (in the scaled units) is already optimal
+    warm = ConstrainedLoss(hardness=5.0).latent(logits, lower, upper, slack,
+                                                init=hard.multipliers)
+    assert (warm.iterations == 0).all()
+    torch.testing.assert_close(warm.P, hard.P)
 
 
 def test_mil_loss_by_hand():
