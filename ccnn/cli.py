@@ -94,8 +94,19 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="default 0")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--workers", dest="num_workers", type=int, help="data loading processes")
+    _add_no_progress(p)
+
+
+def _add_no_progress(p: argparse.ArgumentParser) -> None:
+    """``--no-progress``, shared by the commands that train."""
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar")
+
+
+def _add_test_time_crf(p: argparse.ArgumentParser) -> None:
+    """``--crf``, shared by the commands that predict from a checkpoint."""
+    p.add_argument("--crf", action="store_true",
+                   help="refine the predictions with the dense CRF first (CCNN's test time)")
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -113,8 +124,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-size", type=int, help="validation images (default 200)")
     p.add_argument("--no-pretrain", dest="pretrain", action="store_false",
                    help="start every method from random weights (no shared pretrained backbone)")
-    p.add_argument("--no-progress", dest="progress", action="store_false",
-                   help="no progress bar")
+    _add_no_progress(p)
 
 
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
@@ -131,8 +141,7 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, help="Adam learning rate (default 5e-4)")
     p.add_argument("--batch-size", type=int, help="default 32")
     p.add_argument("--seed", type=int, help="default 0")
-    p.add_argument("--no-progress", dest="progress", action="store_false",
-                   help="no progress bar")
+    _add_no_progress(p)
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -142,8 +151,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", help="dataset split (default the run's validation split)")
     p.add_argument("--data-root", help="folder of the datasets (default the run's)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--crf", action="store_true",
-                   help="refine the predictions with the dense CRF first (CCNN's test time)")
+    _add_test_time_crf(p)
     p.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
 
 
@@ -152,8 +160,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="a checkpoint.pt written by ccnn train")
     p.add_argument("input", help="folder of images (.jpg, .jpeg, .png, .bmp)")
     p.add_argument("output", help="folder for the PNG masks (created)")
-    p.add_argument("--crf", action="store_true",
-                   help="refine the predictions with the dense CRF first (CCNN's test time)")
+    _add_test_time_crf(p)
     p.add_argument("--device", default="cpu")
 
 
