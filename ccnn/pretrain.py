@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
 from ccnn.data.synthetic import SyntheticShapes
-from ccnn.data.transforms import collate, normalize
+from ccnn.data.transforms import augment, collate, normalize
 from ccnn.models import SmallSegNet
 from ccnn.train import ProgressBar, atomic_save, epoch_generator
 
@@ -110,14 +110,13 @@ def pretrain(cfg: PretrainConfig, out: str | Path, *, progress_bar: bool = True,
     for epoch in range(cfg.epochs):
         generator = epoch_generator(cfg.seed, epoch)
         loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True,
-                            generator=generator, collate_fn=collate)
+                            generator=generator, collate_fn=list)
         model.train()
         seen, epoch_start = 0, time.perf_counter()
         with ProgressBar(progress_bar, len(loader), f"pretrain {epoch + 1}/{cfg.epochs}") as bar:
-            for batch in loader:
+            for samples in loader:
+                batch = collate([augment(s, generator) for s in samples])
                 images = batch["image"]
-                flip = torch.rand(len(images), generator=generator) < 0.5
-                images = torch.where(flip[:, None, None, None], images.flip(-1), images)
                 loss = nn.functional.cross_entropy(model(images), _labels(batch))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
