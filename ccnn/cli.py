@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     """``ccnn train``: every option defaults to the preset's value (see ``ccnn.presets``)."""
+    from ccnn.constraints import BOUND_CONSTANTS
     from ccnn.presets import PRESETS
     from ccnn.train import METHODS
 
@@ -87,6 +88,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--p-method", choices=("newton", "pgd"), help="P-step solver (newton)")
     p.add_argument("--p-tol", type=float, help="P-step KKT tolerance (1e-6)")
     p.add_argument("--hardness", type=float, help="CCNN's hardness s of the P-step")
+    p.add_argument("--bound", action="append", default=[], metavar="NAME=VALUE",
+                   help="override one of the preset's constraint constants, e.g. bg_upper=0.6 "
+                        f"(repeatable; names: {', '.join(BOUND_CONSTANTS)})")
     p.add_argument("--crf", action=argparse.BooleanOptionalAction, default=None,
                    help="also report the final metrics after the dense CRF (synthetic: on)")
     p.add_argument("--train-size", type=int, help="synthetic: training images (1000)")

@@ -22,7 +22,21 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The preset's settings for the method, overridden by every option given."""
     settings = preset(args.preset, args.method)
     settings.update({k: getattr(args, k) for k in _FIELDS if getattr(args, k) is not None})
+    settings["bounds"] = {**settings.get("bounds", {}), **_parse_bounds(args.bound)}
     return TrainConfig(method=args.method, **settings)
+
+
+def _parse_bounds(items: list[str]) -> dict[str, float]:
+    """``--bound NAME=VALUE`` options as a dict (names are checked by TrainConfig)."""
+    out = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"--bound {item!r}: expected NAME=VALUE with a number, "
+                             f"e.g. --bound bg_upper=0.6") from None
+    return out
 
 
 def _stderr(message: str) -> None:

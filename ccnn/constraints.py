@@ -14,6 +14,7 @@ Both feed :func:`ccnn.latent.solve_latent`.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "BOUND_CONSTANTS",
     "Bounds",
     "RegionConstraints",
     "bound_violation",
@@ -145,6 +147,12 @@ def tag_bounds(
         upper[:, background] = torch.where(foreground.any(dim=1), const(bg_upper), const(1.0))
         slack[:, background] = bg_slack
     return Bounds(lower, upper, slack)
+
+
+# The constants of :func:`tag_bounds` (CCNN's, by default) that a configuration may override.
+BOUND_CONSTANTS: tuple[str, ...] = tuple(
+    name for name, p in inspect.signature(tag_bounds).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY and isinstance(p.default, float))
 
 
 def broadcast_bounds(value: Tensor | float, shape: tuple[int, ...], name: str, *,

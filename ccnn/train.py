@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from ccnn.constraints import bound_violation, tag_bounds
+from ccnn.constraints import BOUND_CONSTANTS, bound_violation, tag_bounds
 from ccnn.crf import CRFParams, crf_refine
 from ccnn.data import build_dataset
 from ccnn.data.transforms import augment, collate, normalize
@@ -104,6 +104,19 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        self._check_bounds()
+
+    def _check_bounds(self) -> None:
+        """Refuse unknown constraint constants and out-of-range values before training."""
+        unknown = sorted(set(self.bounds) - set(BOUND_CONSTANTS))
+        if unknown:
+            raise ValueError(f"unknown constraint constant(s) {unknown} in bounds; choose from "
+                             f"{', '.join(BOUND_CONSTANTS)}")
+        try:  # tag_bounds checks every value; one image with one foreground tag exercises them
+            tag_bounds(torch.tensor([[1, 1]]), 2, **self.bounds)
+            tag_bounds(torch.tensor([[1, 1]]), 2, sizes=torch.tensor([[0.5, 0.5]]), **self.bounds)
+        except ValueError as error:
+            raise ValueError(f"bounds: {error}") from None
 
 
 class Criterion:

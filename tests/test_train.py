@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ccnn.cli import main
+from ccnn.cli import build_parser, main
+from ccnn.commands import config_from_args
 from ccnn.constraints import tag_bounds
 from ccnn.data import build_dataset
 from ccnn.data.synthetic import SyntheticShapes
@@ -20,7 +21,7 @@ from ccnn.latent import solve_latent
 from ccnn.loss import ConstrainedLoss, mil_loss, pixel_loss
 from ccnn.metrics import ConfusionMatrix
 from ccnn.pretrain import PretrainConfig
-from ccnn.train import TrainConfig, train
+from ccnn.train import Criterion, TrainConfig, train
 
 TINY = {"train_size": 24, "val_size": 8, "batch_size": 8, "dataset_options": {"image_size": 32},
         "overlays": 2}
@@ -215,6 +216,12 @@ def test_config_errors():
         TrainConfig(method="gan")
     with pytest.raises(ValueError, match="lr must be positive"):
         TrainConfig(lr=0)
+    with pytest.raises(ValueError, match=r"unknown constraint constant.*bg_uper"):
+        TrainConfig(bounds={"bg_uper": 0.6})
+    with pytest.raises(ValueError, match=r"bounds: bg_upper=1\.5 must lie in"):
+        TrainConfig(bounds={"bg_upper": 1.5})
+    with pytest.raises(ValueError, match="bounds: background bounds are crossed"):
+        TrainConfig(bounds={"bg_lower": 0.8, "bg_upper": 0.6})
 
 
 def test_demo_table(tmp_path):
@@ -264,6 +271,19 @@ def test_cli_train_evaluate_predict(tmp_path, capsys):
         assert mask.size == (30, 40) and mask.mode == "RGB"
 
 
+def test_cli_bound_overrides_one_constant_of_the_preset():
+    args = build_parser().parse_args(["train", "--bound", "bg_upper=0.6", "--bound",
+                                      "fg_lower=0.1"])
+    cfg = config_from_args(args)
+    assert cfg.bounds == {"size_threshold": 0.02, "bg_upper": 0.6, "fg_lower": 0.1}
+    criterion = Criterion("ccnn", 4, 0, bounds=cfg.bounds)
+    lower, upper, slack = criterion.tag_bounds({"tags": torch.tensor([[1, 0, 1, 0]]),
+                                                "sizes": torch.zeros(1, 4)})
+    # by hand: background in [0.3, 0.6], class 2 at least 0.1 (slack 2), classes 1, 3 absent
+    assert lower.tolist() == [[0.3, 0.0, 0.1, 0.0]] and upper.tolist() == [[0.6, 0.0, 1.0, 0.0]]
+    assert slack[0, 2] == 2.0
+
+
 def test_cli_errors(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "missing.pt")]) == 2
     assert "missing.pt" in capsys.readouterr().err
@@ -271,6 +291,12 @@ def test_cli_errors(tmp_path, capsys):
     assert main(["train", "--preset", "voc", "--data-root", str(tmp_path), "--train-size",
                  "3"]) == 2
     assert "synthetic dataset only" in capsys.readouterr().err
+    for bound, message in (("bogus=1", "unknown constraint constant(s) ['bogus']"),
+                           ("bg_upper", "expected NAME=VALUE"),
+                           ("bg_upper=1.5", "bg_upper=1.5 must lie in [0, 1]")):
+        assert main(["train", "--bound", bound, "--out", str(tmp_path / "b")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
 
 
 def test_latent_vs_trained_script(tmp_path, capsys):
