@@ -78,6 +78,7 @@ def tag_bounds(
     bg_upper: float = 0.7,
     bg_slack: float = math.inf,
     size_fg_lower: float = 0.1,
+    size_fg_scale: float = 0.0,
     size_bg_lower: float = 0.2,
     size_bg_upper: float = 0.7,
     size_threshold: float = 0.1,
@@ -94,7 +95,8 @@ def tag_bounds(
       (CCNN's is hard);
     * **size** (when ``sizes`` is given) — ``sizes[b, l]`` is the fraction of image ``b`` that class
       ``l`` covers.  A tagged foreground class covering less than ``size_threshold`` is treated as
-      absent; the others get ``lower = size_fg_lower`` and the background range becomes
+      absent; the others get ``lower = max(size_fg_lower, size_fg_scale·sizes[b, l])`` (CCNN:
+      ``size_fg_lower`` alone, ``size_fg_scale = 0``) and the background range becomes
       ``[size_bg_lower, size_bg_upper]``.
 
     Args:
@@ -119,6 +121,8 @@ def tag_bounds(
     for name, value in [("fg_slack", fg_slack), ("bg_slack", bg_slack)]:
         if not value >= 0.0:
             raise ValueError(f"{name}={value} must be >= 0 (inf for a hard constraint)")
+    if not 0.0 <= size_fg_scale < math.inf:
+        raise ValueError(f"size_fg_scale={size_fg_scale} must be finite and >= 0")
     if sizes is not None:
         sizes = sizes.to(device=present.device, dtype=torch.float64)
         if sizes.shape != (B, L):
@@ -139,7 +143,10 @@ def tag_bounds(
     def const(value: float) -> Tensor:
         return torch.tensor(value, **opts)
 
-    lower = torch.where(foreground, const(fg_lower), const(0.0))
+    fg_floor = const(fg_lower)
+    if sizes is not None:
+        fg_floor = torch.maximum(fg_floor, size_fg_scale * sizes).clamp(max=1.0)
+    lower = torch.where(foreground, fg_floor, const(0.0))
     upper = torch.where(present, const(1.0), const(0.0))
     slack = torch.where(foreground, const(fg_slack), const(math.inf))
     if background is not None:

@@ -43,6 +43,22 @@ def test_size_information_changes_the_bounds():
     assert slack[0, 1] == 2.0 and math.isinf(slack[0, 0])
 
 
+def test_size_scale_asks_each_class_for_a_share_of_its_size():
+    tags = torch.tensor([[1, 1, 1, 1, 0]])
+    sizes = torch.tensor([[0.5, 0.3, 0.04, 0.16, 0.0]])
+    lower, upper, slack = tag_bounds(tags, sizes=sizes, size_threshold=0.02, size_fg_scale=1.2)
+    # by hand: max(0.1, 1.2·size) for the tagged classes; background keeps [0.2, 0.7]
+    assert torch.allclose(lower, torch.tensor([[0.2, 0.36, 0.1, 0.192, 0.0]], dtype=lower.dtype))
+    assert upper.tolist() == [[0.7, 1.0, 1.0, 1.0, 0.0]]
+    assert slack[0, 1:4].tolist() == [2.0, 2.0, 2.0]
+    lower, _, _ = tag_bounds(tags, sizes=sizes, size_threshold=0.02, size_fg_lower=0.0,
+                             size_fg_scale=3.0)
+    assert torch.allclose(lower[0, 1:4], torch.tensor([0.9, 0.12, 0.48], dtype=lower.dtype))
+    lower, _, _ = tag_bounds(tags, sizes=torch.tensor([[0.1, 0.5, 0.2, 0.2, 0.0]]),
+                             size_fg_scale=3.0)
+    assert lower[0, 1] == 1.0  # a lower bound never exceeds the whole image
+
+
 def test_without_background_every_tag_is_foreground():
     lower, upper, _ = tag_bounds([[0, 1]], num_classes=3, background=None, fg_lower=0.2)
     assert lower.tolist() == [[0.2, 0.2, 0.0]]
@@ -67,6 +83,8 @@ def test_constants_are_keyword_arguments():
         (lambda: tag_bounds([[1]]), "num_classes is required"),
         (lambda: tag_bounds([[1]], num_classes=2, fg_lower=1.5), "fg_lower"),
         (lambda: tag_bounds([[1]], num_classes=2, fg_slack=-1.0), "fg_slack"),
+        (lambda: tag_bounds([[1]], num_classes=2, size_fg_scale=-1.0), "size_fg_scale"),
+        (lambda: tag_bounds([[1]], num_classes=2, size_fg_scale=math.inf), "size_fg_scale"),
         (lambda: tag_bounds([[1]], num_classes=2, bg_lower=0.8), "crossed"),
         (lambda: tag_bounds([[1]], num_classes=2, background=4), "background=4"),
         (lambda: tag_bounds([[1]], num_classes=2, sizes=torch.zeros(1, 3)), "sizes must have"),

@@ -20,6 +20,7 @@ from ccnn.demo import format_table, run_demo
 from ccnn.latent import solve_latent
 from ccnn.loss import ConstrainedLoss, mil_loss, pixel_loss
 from ccnn.metrics import ConfusionMatrix
+from ccnn.presets import PRESETS
 from ccnn.pretrain import PretrainConfig
 from ccnn.train import Criterion, TrainConfig, train
 
@@ -275,7 +276,7 @@ def test_cli_bound_overrides_one_constant_of_the_preset():
     args = build_parser().parse_args(["train", "--bound", "bg_upper=0.6", "--bound",
                                       "fg_lower=0.1"])
     cfg = config_from_args(args)
-    assert cfg.bounds == {"size_threshold": 0.02, "bg_upper": 0.6, "fg_lower": 0.1}
+    assert cfg.bounds == {**PRESETS["synthetic"]["bounds"], "bg_upper": 0.6, "fg_lower": 0.1}
     criterion = Criterion("ccnn", 4, 0, bounds=cfg.bounds)
     lower, upper, slack = criterion.tag_bounds({"tags": torch.tensor([[1, 0, 1, 0]]),
                                                 "sizes": torch.zeros(1, 4)})
