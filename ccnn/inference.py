@@ -10,12 +10,12 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ccnn.crf import CRFParams, crf_refine
+from ccnn.crf import CRFParams
 from ccnn.data.files import read_rgb
 from ccnn.data.transforms import collate
 from ccnn.models import RandomWeightsWarning, build_model
 from ccnn.report import colorize
-from ccnn.train import TrainConfig, evaluate, predict_logits, split_dataset
+from ccnn.train import TrainConfig, evaluate, predict_scores, split_dataset
 
 __all__ = ["IMAGE_SUFFIXES", "evaluate_checkpoint", "load_checkpoint", "predict_folder"]
 
@@ -75,10 +75,7 @@ def predict_folder(checkpoint: str | Path, images: str | Path, output: str | Pat
     written = []
     for file in files:
         image = read_rgb(file)
-        batch = image[None].to(device)
-        scores = predict_logits(model, batch)
-        if crf:
-            scores = crf_refine(batch, scores, CRFParams())
+        scores = predict_scores(model, image[None].to(device), CRFParams() if crf else None)
         labels = scores.argmax(1)[0].cpu()
         target = output / f"{file.stem}.png"
         Image.fromarray(colorize(labels, palette)).save(target)

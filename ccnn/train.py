@@ -40,8 +40,8 @@ from ccnn.metrics import ConfusionMatrix
 from ccnn.models import build_model
 
 __all__ = ["METHODS", "Criterion", "ProgressBar", "TrainConfig", "atomic_save", "epoch_generator",
-           "evaluate", "load_datasets", "predict_logits", "split_dataset", "train",
-           "train_one_epoch"]
+           "evaluate", "load_datasets", "predict_logits", "predict_scores", "split_dataset",
+           "train", "train_one_epoch"]
 
 METHODS: tuple[str, ...] = ("ccnn", "ccnn-size", "mil", "full")
 CHECKPOINT = "checkpoint.pt"
@@ -171,6 +171,13 @@ def predict_logits(model: nn.Module, images: Tensor) -> Tensor:
                                      align_corners=False)
 
 
+def predict_scores(model: nn.Module, images: Tensor, crf: CRFParams | None = None) -> Tensor:
+    """Test-time scores at the input resolution: :func:`predict_logits`, refined by the dense
+    CRF (CCNN's test time, :func:`ccnn.crf.crf_refine`) when ``crf`` is given."""
+    scores = predict_logits(model, images)
+    return scores if crf is None else crf_refine(images, scores, crf)
+
+
 def train_one_epoch(model: nn.Module, criterion: Criterion, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, loader: Iterable[list[dict]],
                     device: torch.device, generator: torch.Generator, cfg: TrainConfig,
@@ -216,10 +223,7 @@ def evaluate(model: nn.Module, loader: Iterable[dict], num_classes: int,
     model.eval()
     cm = ConfusionMatrix(num_classes)
     for batch in loader:
-        images = batch["image"].to(device)
-        scores = predict_logits(model, images)
-        if crf is not None:
-            scores = crf_refine(images, scores, crf)
+        scores = predict_scores(model, batch["image"].to(device), crf)
         cm.update(scores.argmax(1).cpu(), batch["mask"])
     return cm.compute()
 
