@@ -132,6 +132,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    from ccnn.pretrain import PretrainConfig
+
     p = sub.add_parser(
         "pretrain", help="pretrain the small network's backbone on shape classification",
         description="Train the small network's features to classify single-object synthetic "
@@ -140,11 +142,11 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
                     "--backbone-weights.")
     p.add_argument("--out", default="runs/backbone.pt", help="weights file (default "
                                                              "runs/backbone.pt)")
-    p.add_argument("--images", type=int, help="training images (default 3000)")
-    p.add_argument("--epochs", type=int, help="default 6")
-    p.add_argument("--lr", type=float, help="Adam learning rate (default 5e-4)")
-    p.add_argument("--batch-size", type=int, help="default 32")
-    p.add_argument("--seed", type=int, help="default 0")
+    p.add_argument("--images", type=int, help=f"training images (default {PretrainConfig.images})")
+    p.add_argument("--epochs", type=int, help=f"default {PretrainConfig.epochs}")
+    p.add_argument("--lr", type=float, help=f"Adam learning rate (default {PretrainConfig.lr:g})")
+    p.add_argument("--batch-size", type=int, help=f"default {PretrainConfig.batch_size}")
+    p.add_argument("--seed", type=int, help=f"default {PretrainConfig.seed}")
     _add_no_progress(p)
 
 
