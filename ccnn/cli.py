@@ -116,7 +116,7 @@ def _add_test_time_crf(p: argparse.ArgumentParser) -> None:
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo", help="the main job: four methods on the synthetic default",
-        description="Train full, mil, ccnn and ccnn-size on the synthetic default (a few "
+        description="Train full, mil, ccnn and ccnn-size on the synthetic default (about nine "
                     "minutes on two CPU cores) and print their validation mIoU.")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--json", metavar="PATH", help="also write the table as JSON")

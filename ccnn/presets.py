@@ -15,7 +15,8 @@ _CCNN_SGD = {"model": "vgg16-fcn", "optimizer": "sgd", "lr": 1e-6, "momentum": 0
              "flip": True}
 
 PRESETS: dict[str, dict] = {
-    # The demo's setting: a small network, Adam, a few minutes on two CPU cores.
+    # The demo's setting: a small network, Adam; the four methods in about nine minutes on two CPU
+    # cores, pretraining included.
     # Its objects are smaller than VOC's (27% of them under 10% of the image), so the size
     # constraints treat a class as absent only under 2% (CCNN's 10% would suppress them).
     # With tags, each tagged class must cover at least 20% (CCNN: 5%); with sizes, at least its
