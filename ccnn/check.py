@@ -8,15 +8,14 @@ the relative difference of the objectives (Eq. 4), and the solver's own duality 
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from ccnn.latent import METHODS, latent_objective, solve_latent
 from ccnn.reference import random_problem, solve_latent_cvxpy
+from ccnn.report import json_path, write_json
 
 __all__ = ["CheckRow", "run_check"]
 
@@ -98,6 +97,7 @@ def main_check(args) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"--methods: unknown method(s) {unknown}; choose from {METHODS}")
+    out_json = json_path(args.json) if args.json else None
     rows = run_check(args.instances, seed=args.seed, num_classes=args.classes, size=args.size,
                      solver=args.solver, methods=methods, fraction_tol=args.fraction_tol,
                      objective_tol=args.objective_tol)
@@ -108,10 +108,8 @@ def main_check(args) -> int:
           f"{worst['max_dfraction']:.1e}, objective {worst['rel_dobjective']:.1e} (relative); "
           f"largest duality gap {worst['duality_gap']:.1e}")
     print(f"tolerances: fractions {args.fraction_tol:g}, objective {args.objective_tol:g}")
-    if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"rows": [asdict(r) for r in rows], "worst": worst}, indent=1))
+    if out_json is not None:
+        write_json(out_json, {"rows": [asdict(r) for r in rows], "worst": worst})
     if bad:
         print(f"DISAGREEMENT in {len(bad)} of {len(rows)} solves")
         return 1

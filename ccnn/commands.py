@@ -58,17 +58,17 @@ def main_train(args: argparse.Namespace) -> int:
 def main_demo(args: argparse.Namespace) -> int:
     """``ccnn demo``: the four methods on the synthetic default, as a table."""
     from ccnn.demo import format_table, run_demo
+    from ccnn.report import json_path, write_json
 
+    out_json = json_path(args.json) if args.json else None  # before nine minutes of training
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     sizes = {k: getattr(args, k) for k in ("train_size", "val_size") if getattr(args, k)}
     table = run_demo(args.out, seed=args.seed, methods=methods, epochs=args.epochs,
                      pretraining=args.pretrain, progress_bar=args.progress, log=_stderr, **sizes)
     print(format_table(table))
     print(f"reports in {Path(args.out)}/<method>/report")
-    if args.json:
-        from ccnn.report import write_json
-
-        write_json(Path(args.json), table)
+    if out_json is not None:
+        write_json(out_json, table)
     return 0
 
 
@@ -87,7 +87,9 @@ def main_pretrain(args: argparse.Namespace) -> int:
 def main_evaluate(args: argparse.Namespace) -> int:
     """``ccnn evaluate``: metrics of a checkpoint, per class."""
     from ccnn.inference import evaluate_checkpoint
+    from ccnn.report import json_path, write_json
 
+    out_json = json_path(args.json) if args.json else None
     m = evaluate_checkpoint(args.checkpoint, split=args.split, data_root=args.data_root,
                             device=args.device, crf=args.crf)
     crf = ", dense CRF" if args.crf else ""
@@ -95,10 +97,8 @@ def main_evaluate(args: argparse.Namespace) -> int:
           f"pixel accuracy {m['pixel_accuracy']:.4f}, mean accuracy {m['mean_accuracy']:.4f}")
     for name, iou in zip(m["class_names"], m["iou"], strict=True):
         print(f"  {name:<16} {'-' if iou != iou else f'{iou:.4f}'}")
-    if args.json:
-        from ccnn.report import write_json
-
-        write_json(Path(args.json), m)
+    if out_json is not None:
+        write_json(out_json, m)
     return 0
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ccnn.presets import preset
 from ccnn.pretrain import PretrainConfig, pretrain
-from ccnn.report import plot_comparison
+from ccnn.report import plot_comparison, write_json
 from ccnn.train import METHODS, TrainConfig, load_datasets, train
 
 __all__ = ["DEMO_METHODS", "format_table", "run_demo"]
@@ -32,7 +32,8 @@ def run_demo(out: str | Path, *, seed: int = 0, methods: Sequence[str] = DEMO_ME
     :class:`PretrainConfig`'s defaults with ``seed``, a config of its own, or ``False`` to start
     every method from random weights); the table's ``"pretrain"`` entry holds its accuracy and
     seconds.  Also draws every method's validation mIoU and constraint violation into
-    ``out/curves.png``.
+    ``out/curves.png``, and writes the table so far to ``out/demo.json`` after each method, so
+    an interrupted demo keeps the rows it finished.
 
     A row holds ``miou``, ``pixel_accuracy``, ``seconds`` (training and validation time), with
     the preset's dense CRF ``crf`` (the same metrics after CCNN's test-time refinement) and, for
@@ -69,6 +70,7 @@ def run_demo(out: str | Path, *, seed: int = 0, methods: Sequence[str] = DEMO_ME
             row["p_step_share"] = sum(h["p_seconds"] for h in history) / max(
                 sum(h["step_seconds"] for h in history), 1e-12)
         table["methods"][method] = row
+        write_json(out / "demo.json", table)
     plot_comparison(histories, out / "curves.png")
     return table
 

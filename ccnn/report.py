@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,8 @@ from torch.utils.data import Dataset
 
 from ccnn.data.base import IGNORE_INDEX
 
-__all__ = ["colorize", "overlay", "plot_comparison", "plot_curves", "write_json", "write_report"]
+__all__ = ["colorize", "json_path", "overlay", "plot_comparison", "plot_curves", "write_json",
+           "write_report"]
 
 
 def colorize(labels: Tensor, palette: Tensor) -> np.ndarray:
@@ -111,10 +113,25 @@ def _finite(value: object) -> object:
     return value
 
 
+def json_path(value: str | Path, option: str = "--json") -> Path:
+    """Check an output path for JSON before any work is done: not a folder, and no file where
+    one of its folders would go.  Raises ``ValueError`` naming ``option``."""
+    path = Path(value)
+    if path.is_dir():
+        raise ValueError(f"{option} {path} is a folder; give a file name")
+    blocker = next((p for p in path.parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise ValueError(f"{option} {path}: {blocker} is a file, not a folder")
+    return path
+
+
 def write_json(path: Path, data: object) -> None:
-    """``data`` as indented JSON (NaN written as ``null``), creating the folder."""
+    """``data`` as indented JSON (NaN written as ``null``), creating the folder.  Written to a
+    temporary file and renamed, so an interruption leaves the previous file whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_finite(data), indent=2) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_finite(data), indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def write_report(folder: Path, summary: dict, model: nn.Module, val_set: Dataset,

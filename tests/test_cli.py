@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from ccnn.cli import main
+from ccnn.report import write_json
 
 
 def test_check_passes_and_prints_the_table(capsys):
@@ -29,6 +30,16 @@ def test_check_writes_json(tmp_path):
     data = json.loads(path.read_text())
     assert [r["method"] for r in data["rows"]] == ["newton", "newton"]
     assert data["worst"]["max_dfraction"] <= 1e-4
+
+
+def test_write_json_replaces_whole_files_only(tmp_path):
+    path = tmp_path / "out" / "table.json"
+    write_json(path, {"miou": float("nan"), "rows": [1.5]})
+    assert json.loads(path.read_text()) == {"miou": None, "rows": [1.5]}  # NaN is not JSON
+    with pytest.raises(TypeError):
+        write_json(path, {"bad": object()})
+    assert json.loads(path.read_text()) == {"miou": None, "rows": [1.5]}  # the old file stays
+    assert [p.name for p in path.parent.iterdir()] == ["table.json"]
 
 
 def test_check_rejects_unknown_method(capsys):

@@ -239,6 +239,8 @@ def test_demo_table(tmp_path):
     assert 0 < row["p_step_share"] < 1
     assert 0 <= row["crf"]["miou"] <= 1 and row["crf"]["seconds"] > 0
     assert (tmp_path / "curves.png").is_file()
+    saved = json.loads((tmp_path / "demo.json").read_text())  # the table, kept after each method
+    assert saved["methods"] == table["methods"] and saved["pretrain"] == table["pretrain"]
     text = format_table(table)
     assert "ccnn" in text and "full" in text
 
@@ -298,6 +300,13 @@ def test_cli_errors(tmp_path, capsys):
         assert main(["train", "--bound", bound, "--out", str(tmp_path / "b")]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+    # a --json path that cannot be written is refused before any training
+    (tmp_path / "a_file").write_text("keep")
+    for target, message in ((tmp_path, "is a folder"), (tmp_path / "a_file" / "t.json",
+                                                         "a_file is a file, not a folder")):
+        assert main(["demo", "--json", str(target), "--out", str(tmp_path / "d")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "d").exists() and (tmp_path / "a_file").read_text() == "keep"
 
 
 def test_latent_vs_trained_script(tmp_path, capsys):
