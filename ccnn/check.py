@@ -97,7 +97,7 @@ def main_check(args) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"--methods: unknown method(s) {unknown}; choose from {METHODS}")
-    out_json = json_path(args.json) if args.json else None
+    out_json = json_path(args.json)
     rows = run_check(args.instances, seed=args.seed, num_classes=args.classes, size=args.size,
                      solver=args.solver, methods=methods, fraction_tol=args.fraction_tol,
                      objective_tol=args.objective_tol)

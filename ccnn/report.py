@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +16,8 @@ from torch.utils.data import Dataset
 
 from ccnn.data.base import IGNORE_INDEX
 
-__all__ = ["colorize", "json_path", "overlay", "plot_comparison", "plot_curves", "write_json",
-           "write_report"]
+__all__ = ["colorize", "json_path", "overlay", "plot_comparison", "plot_curves",
+           "replace_atomically", "write_json", "write_report"]
 
 
 def colorize(labels: Tensor, palette: Tensor) -> np.ndarray:
@@ -113,9 +114,20 @@ def _finite(value: object) -> object:
     return value
 
 
-def json_path(value: str | Path, option: str = "--json") -> Path:
+def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write`` on a temporary file beside ``path``, then rename it to ``path``: an
+    interruption leaves the previous file whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def json_path(value: str | Path | None, option: str = "--json") -> Path | None:
     """Check an output path for JSON before any work is done: not a folder, and no file where
-    one of its folders would go.  Raises ``ValueError`` naming ``option``."""
+    one of its folders would go (``None`` passes through).  Raises ``ValueError`` naming
+    ``option``."""
+    if value is None:
+        return None
     path = Path(value)
     if path.is_dir():
         raise ValueError(f"{option} {path} is a folder; give a file name")
@@ -126,12 +138,11 @@ def json_path(value: str | Path, option: str = "--json") -> Path:
 
 
 def write_json(path: Path, data: object) -> None:
-    """``data`` as indented JSON (NaN written as ``null``), creating the folder.  Written to a
-    temporary file and renamed, so an interruption leaves the previous file whole."""
+    """``data`` as indented JSON (NaN written as ``null``), creating the folder; atomically
+    (:func:`replace_atomically`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_finite(data), indent=2) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(_finite(data), indent=2) + "\n"
+    replace_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def write_report(folder: Path, summary: dict, model: nn.Module, val_set: Dataset,

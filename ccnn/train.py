@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from ccnn.data.transforms import augment, collate, normalize
 from ccnn.loss import ConstrainedLoss, mil_loss, pixel_loss
 from ccnn.metrics import ConfusionMatrix
 from ccnn.models import build_model
+from ccnn.report import replace_atomically, write_report
 
 __all__ = ["METHODS", "Criterion", "ProgressBar", "TrainConfig", "atomic_save", "epoch_generator",
            "evaluate", "load_datasets", "predict_logits", "predict_scores", "split_dataset",
@@ -229,10 +229,9 @@ def evaluate(model: nn.Module, loader: Iterable[dict], num_classes: int,
 
 
 def atomic_save(obj: object, path: Path) -> None:
-    """Write to a temporary file beside ``path``, then rename: a crash leaves the old file."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` through :func:`ccnn.report.replace_atomically`: a crash leaves the old
+    file."""
+    replace_atomically(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -292,8 +291,6 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False,
         progress_bar: show a progress bar per epoch.
         log: where one-line messages go.
     """
-    from ccnn.report import write_report  # plotting is only needed at the end
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
