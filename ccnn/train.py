@@ -311,7 +311,8 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False,
         start_epoch, elapsed = _resume(checkpoint_path, cfg, model, optimizer, scheduler)
         log(f"resumed from {checkpoint_path} after epoch {start_epoch}")
     history = _read_log(out / LOG, start_epoch)
-    (out / LOG).write_text("".join(json.dumps(r) + "\n" for r in history))
+    text = "".join(json.dumps(r) + "\n" for r in history)
+    replace_atomically(out / LOG, lambda tmp: tmp.write_text(text))
 
     val_loader = DataLoader(val_set, batch_size=cfg.eval_batch_size, collate_fn=collate,
                             num_workers=cfg.num_workers)

@@ -22,7 +22,6 @@ Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -33,6 +32,7 @@ import torch
 
 from ccnn.latent import solve_latent
 from ccnn.reference import random_problem, solve_latent_cvxpy
+from ccnn.report import write_json
 
 REGIMES = {
     "untrained": {"scale": 0.5, "fg_bias": (0.0, 0.0), "bg_bias": (0.0, 0.0)},
@@ -155,8 +155,7 @@ def main() -> None:
         "rows": rows,
         "cvxpy": cvxpy,
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=1))
+    write_json(Path(args.json), out)
     print(f"wrote {args.json}")
 
 

@@ -14,7 +14,6 @@ Prints a table and writes JSON (``--json``, default ``<out>/latent_vs_trained.js
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ from ccnn.data.transforms import collate
 from ccnn.inference import load_checkpoint
 from ccnn.latent import solve_latent
 from ccnn.presets import preset
+from ccnn.report import write_json
 from ccnn.train import TrainConfig, load_datasets, predict_logits, train
 
 
@@ -129,8 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"P is {100 * result['p_closer_by']:.1f}% closer to Q_f than Q_u is "
           f"(the seed reports about 66% on CamVid)")
     path = Path(args.json) if args.json else out / "latent_vs_trained.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(path, result)
     return result
 
 
