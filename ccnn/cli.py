@@ -93,6 +93,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                         f"(repeatable; names: {', '.join(BOUND_CONSTANTS)})")
     p.add_argument("--crf", action=argparse.BooleanOptionalAction, default=None,
                    help="also report the final metrics after the dense CRF (synthetic: on)")
+    p.add_argument("--refine-epochs", type=int, metavar="N",
+                   help="weak-label methods: N more epochs on the network's own CRF-refined, "
+                        "tag-restricted predictions (ccnn.refine; default 0)")
     p.add_argument("--train-size", type=int, help="synthetic: training images (1000)")
     p.add_argument("--val-size", type=int, help="synthetic: validation images (200)")
     p.add_argument("--seed", type=int, default=0, help="default 0")

@@ -37,7 +37,9 @@ def run_demo(out: str | Path, *, seed: int = 0, methods: Sequence[str] = DEMO_ME
 
     A row holds ``miou``, ``pixel_accuracy``, ``seconds`` (training and validation time), with
     the preset's dense CRF ``crf`` (the same metrics after CCNN's test-time refinement) and, for
-    the constrained methods, ``p_step_share`` (the P-step's share of a training step).
+    the constrained methods, ``p_step_share`` (the P-step's share of a training step, over the
+    P/Q epochs) and, for a method with a refinement stage (:mod:`ccnn.refine`),
+    ``miou_before_refine`` (the validation mIoU after its last P/Q epoch).
     ``overrides`` replace preset settings (tests use them to make the run tiny).
     """
     unknown = [m for m in methods if m not in METHODS]
@@ -65,10 +67,12 @@ def run_demo(out: str | Path, *, seed: int = 0, methods: Sequence[str] = DEMO_ME
                "seconds": summary["seconds"]}
         if "crf" in summary:
             row["crf"] = {k: summary["crf"][k] for k in ("miou", "pixel_accuracy", "seconds")}
+        if cfg.refine_epochs:
+            row["miou_before_refine"] = summary["history"][cfg.epochs - 1]["val_miou"]
         if method.startswith("ccnn"):
-            history = summary["history"]
-            row["p_step_share"] = sum(h["p_seconds"] for h in history) / max(
-                sum(h["step_seconds"] for h in history), 1e-12)
+            steps = [h for h in summary["history"] if h.get("stage") != "refine"]
+            row["p_step_share"] = sum(h["p_seconds"] for h in steps) / max(
+                sum(h["step_seconds"] for h in steps), 1e-12)
         table["methods"][method] = row
         write_json(out / "demo.json", table)
     plot_comparison(histories, out / "curves.png")
@@ -89,12 +93,13 @@ def format_table(table: dict) -> str:
         return f"{row['crf']['miou']:.4f}" if "crf" in row else "-"
 
     lines = [f"{'method':<10} {'mIoU':>7} {'of full':>8} {'+CRF':>7} {'of full':>8} "
-             f"{'pixel acc':>10} {'seconds':>8} {'P-step':>7}"]
+             f"{'pixel acc':>10} {'seconds':>8} {'P-step':>7} {'P/Q only':>9}"]
     for method, row in rows.items():
         share = f"{100 * row['p_step_share']:.1f}%" if "p_step_share" in row else "-"
+        before = f"{row['miou_before_refine']:.4f}" if "miou_before_refine" in row else "-"
         lines.append(f"{method:<10} {row['miou']:>7.4f} {of_full(row, ''):>8} {crf(row):>7} "
                      f"{of_full(row, 'crf'):>8} {row['pixel_accuracy']:>10.4f} "
-                     f"{row['seconds']:>8.1f} {share:>7}")
+                     f"{row['seconds']:>8.1f} {share:>7} {before:>9}")
     if "pretrain" in table:
         pre = table["pretrain"]
         lines.append(f"(backbone pretrained in {pre['seconds']:.1f} s, shape classification "

@@ -23,13 +23,14 @@ PRESETS: dict[str, dict] = {
     # own size (CCNN: 10% for every class over the threshold); both with CCNN's slack 2.  The
     # background may cover up to 80% (CCNN: 70%; here it covers more in 55% of the images, and
     # the foreground bounds already keep room for every object).  All chosen on the
-    # synthetic test split (docs/training.md).  P-step tolerance 1e-4 on its KKT residual
-    # (fractions of the image): a fifth fewer Newton iterations than 1e-6.
+    # synthetic test split (docs/training.md).  P-step tolerance 1e-3 on its KKT residual
+    # (fractions of the image): fewer Newton iterations than 1e-4, the same mIoU.  ``ccnn`` and
+    # ``ccnn-size`` add two epochs of the refinement stage (ccnn.refine; see preset()).
     "synthetic": {"dataset": "synthetic", "model": "small", "optimizer": "adam", "lr": 5e-4,
                   "weight_decay": 1e-4, "batch_size": 16, "epochs": 14, "schedule": "poly",
                   "bounds": {"size_threshold": 0.02, "fg_lower": 0.2, "size_fg_lower": 0.0,
                              "size_fg_scale": 1.0, "bg_upper": 0.8, "size_bg_upper": 0.8},
-                  "p_tol": 1e-4, "crf": True, "eval_batch_size": 50},
+                  "p_tol": 1e-3, "crf": True, "eval_batch_size": 50},
     # PASCAL VOC 2012: SBD's train_aug (10,582 images): 35k iterations is about 3.3 epochs.
     "voc": {"dataset": "voc", "train_split": "train_aug", "val_split": "val", "epochs": 4,
             **_CCNN_SGD},
@@ -43,12 +44,17 @@ SIZE_HARDNESS = 1000.0
 # mil on the synthetic default: its epoch loss fell from 0.18 to 0.010 and 0.0035 in epochs 1-3
 # and its validation mIoU stayed within 0.079-0.083 over 14 (docs/training.md), so the demo's
 # time goes to the others.
-SYNTHETIC_MIL_EPOCHS = 6
+SYNTHETIC_MIL_EPOCHS = 3
+# The refinement stage of ccnn and ccnn-size on the synthetic default: two epochs on their own
+# CRF-refined, tag-restricted predictions lifted ccnn-size from 0.510 to 0.547 (seed 0) and from
+# 0.499 to 0.531 (seed 1) in the same run (docs/training.md).  Not CCNN's: VOC and CamVid keep 0.
+SYNTHETIC_REFINE_EPOCHS = 2
 
 
 def preset(name: str, method: str) -> dict:
     """The settings of preset ``name`` for ``method`` (a copy): ``ccnn-size`` adds CCNN's
-    hardness on VOC and CamVid, ``mil`` trains fewer epochs on the synthetic default."""
+    hardness on VOC and CamVid; on the synthetic default ``mil`` trains fewer epochs and the
+    CCNN methods add the refinement stage."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {tuple(PRESETS)}")
     settings = dict(PRESETS[name])
@@ -56,4 +62,6 @@ def preset(name: str, method: str) -> dict:
         settings["hardness"] = SIZE_HARDNESS
     if method == "mil" and name == "synthetic":
         settings["epochs"] = SYNTHETIC_MIL_EPOCHS
+    if method in ("ccnn", "ccnn-size") and name == "synthetic":
+        settings["refine_epochs"] = SYNTHETIC_REFINE_EPOCHS
     return settings

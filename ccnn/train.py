@@ -11,6 +11,9 @@ Methods (:data:`METHODS`):
 * ``"mil"`` — MIL-FCN's multi-class MIL loss on tags, no constraints (the baseline CCNN beat);
 * ``"full"`` — per-pixel cross-entropy with the masks (the upper bound).
 
+With ``refine_epochs`` a weak-label method adds a refinement stage after its epochs: the
+network trains on its own CRF-refined, tag-restricted predictions (:mod:`ccnn.refine`).
+
 Each epoch is seeded from ``(seed, epoch)`` (shuffling, augmentation, dropout), and a checkpoint
 is written atomically after it, so ``resume=True`` continues to exactly the weights of an
 uninterrupted run.
@@ -37,6 +40,7 @@ from ccnn.data.transforms import augment, collate, normalize
 from ccnn.loss import ConstrainedLoss, mil_loss, pixel_loss
 from ccnn.metrics import ConfusionMatrix
 from ccnn.models import build_model
+from ccnn.refine import RelabelledDataset, load_labels, pseudo_labels, save_labels
 from ccnn.report import replace_atomically, write_report
 
 __all__ = ["METHODS", "Criterion", "ProgressBar", "TrainConfig", "atomic_save", "epoch_generator",
@@ -46,6 +50,7 @@ __all__ = ["METHODS", "Criterion", "ProgressBar", "TrainConfig", "atomic_save", 
 METHODS: tuple[str, ...] = ("ccnn", "ccnn-size", "mil", "full")
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
+REFINE_LABELS = "refine_labels.pt"
 
 
 @dataclass
@@ -54,7 +59,9 @@ class TrainConfig:
 
     ``bounds`` holds keyword arguments of :func:`ccnn.constraints.tag_bounds` (CCNN's constants
     by default); ``dataset_options`` those of the dataset's constructor.  ``train_size`` and
-    ``val_size`` set the number of images of the synthetic dataset.
+    ``val_size`` set the number of images of the synthetic dataset.  ``refine_epochs`` adds that
+    many epochs of the refinement stage (:mod:`ccnn.refine`) after ``epochs``; the schedule
+    spans both.
     """
 
     method: str = "ccnn"
@@ -87,6 +94,7 @@ class TrainConfig:
     eval_batch_size: int = 16
     overlays: int = 8
     crf: bool = False  # also report the final metrics after the dense CRF (ccnn.crf)
+    refine_epochs: int = 0
 
     def __post_init__(self) -> None:
         self.scale = tuple(self.scale)
@@ -100,6 +108,10 @@ class TrainConfig:
             (self.schedule in ("poly", "constant"), f"schedule must be poly or constant, got "
                                                     f"{self.schedule!r}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.refine_epochs >= 0, f"refine_epochs must be >= 0, got {self.refine_epochs}"),
+            (self.refine_epochs == 0 or self.method != "full",
+             "refine_epochs: full trains on the masks; the refinement stage is for the "
+             "weak-label methods"),
         ]
         for ok, message in checks:
             if not ok:
@@ -123,15 +135,19 @@ class Criterion:
     """The loss of a method on a batch, plus what is worth logging about it.
 
     Every method reports ``violation``: how far the network's own class fractions (the mean of Q
-    over pixels) lie outside the tag bounds — the quantity CCNN's constraints push down.
+    over pixels) lie outside the tag bounds — the quantity CCNN's constraints push down.  With
+    ``pixel_targets`` the loss is the per-pixel cross-entropy with the batch's masks whatever
+    the method (the refinement stage, whose masks are pseudo-labels); the violation is still
+    measured against the method's own bounds.
     """
 
     def __init__(self, method: str, num_classes: int, background: int | None, *,
                  bounds: dict | None = None, p_method: str = "newton", p_tol: float = 1e-6,
-                 hardness: float = 1.0) -> None:
+                 hardness: float = 1.0, pixel_targets: bool = False) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         self.method, self.num_classes, self.background = method, num_classes, background
+        self.pixel_targets = pixel_targets
         self.bounds = dict(bounds or {})
         self.constrained = ConstrainedLoss(p_method, p_tol, hardness=hardness)
 
@@ -144,7 +160,9 @@ class Criterion:
     def __call__(self, logits: Tensor, batch: dict) -> tuple[Tensor, dict]:
         lower, upper, slack = (t.to(logits.device) for t in self.tag_bounds(batch))
         p_seconds = 0.0
-        if self.method in ("ccnn", "ccnn-size"):
+        if self.pixel_targets:
+            loss = pixel_loss(logits, batch["mask"].to(logits.device))
+        elif self.method in ("ccnn", "ccnn-size"):
             loss = self.constrained(logits, lower, upper, slack)
             p_seconds = self.constrained.last_seconds
         elif self.method == "mil":
@@ -299,11 +317,14 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False,
     num_classes = train_set.num_classes
 
     model = build_model(cfg.model, num_classes, backbone_weights=cfg.backbone_weights).to(device)
-    criterion = Criterion(cfg.method, num_classes, train_set.background, bounds=cfg.bounds,
-                          p_method=cfg.p_method, p_tol=cfg.p_tol, hardness=cfg.hardness)
+    criteria = {pixel: Criterion(cfg.method, num_classes, train_set.background,
+                                 bounds=cfg.bounds, p_method=cfg.p_method, p_tol=cfg.p_tol,
+                                 hardness=cfg.hardness, pixel_targets=pixel)
+                for pixel in (False, True)}
     optimizer = _make_optimizer(model, cfg)
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
-    scheduler = _make_scheduler(optimizer, cfg.epochs * steps_per_epoch, cfg.schedule)
+    total_epochs = cfg.epochs + cfg.refine_epochs
+    scheduler = _make_scheduler(optimizer, total_epochs * steps_per_epoch, cfg.schedule)
 
     start_epoch, elapsed = 0, 0.0
     checkpoint_path = out / CHECKPOINT
@@ -316,20 +337,25 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False,
 
     val_loader = DataLoader(val_set, batch_size=cfg.eval_batch_size, collate_fn=collate,
                             num_workers=cfg.num_workers)
-    metrics = None
-    for epoch in range(start_epoch, cfg.epochs):
+    metrics, epoch_set = None, train_set
+    for epoch in range(start_epoch, total_epochs):
         epoch_start = time.perf_counter()
+        refining = epoch >= cfg.epochs
+        if refining and epoch_set is train_set:
+            epoch_set = _refinement_set(model, train_set, out / REFINE_LABELS, device, cfg,
+                                        fresh=epoch == cfg.epochs, log=log)
         generator = epoch_generator(cfg.seed, epoch)
         torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout and any other global draws
-        loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True,
+        loader = DataLoader(epoch_set, batch_size=cfg.batch_size, shuffle=True,
                             generator=generator, collate_fn=list, num_workers=cfg.num_workers)
-        title = f"{cfg.method} {epoch + 1}/{cfg.epochs}"
+        title = f"{cfg.method}{' refine' if refining else ''} epoch {epoch + 1}/{total_epochs}"
         with ProgressBar(progress_bar, len(loader), title) as bar:
-            stats = train_one_epoch(model, criterion, optimizer, scheduler, loader, device,
-                                    generator, cfg, bar)
+            stats = train_one_epoch(model, criteria[refining], optimizer, scheduler, loader,
+                                    device, generator, cfg, bar)
         metrics = evaluate(model, val_loader, num_classes, device)
         elapsed += time.perf_counter() - epoch_start
-        record = {"epoch": epoch, **stats, "lr": scheduler.get_last_lr()[0],
+        record = {"epoch": epoch, "stage": "refine" if refining else "train", **stats,
+                  "lr": scheduler.get_last_lr()[0],
                   "val_miou": metrics["miou"], "val_pixel_accuracy": metrics["pixel_accuracy"],
                   "seconds": elapsed}
         history.append(record)
@@ -340,7 +366,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False,
                       "palette": train_set.palette.tolist()}, checkpoint_path)
         with (out / LOG).open("a") as f:
             f.write(json.dumps(record) + "\n")
-        log(f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}: loss {stats['loss']:.4f}, "
+        log(f"{title}: loss {stats['loss']:.4f}, "
             f"violation {stats['violation']:.4f}, val mIoU {metrics['miou']:.3f}")
 
     if metrics is None:  # resumed after the last epoch: nothing evaluated yet
@@ -357,6 +383,34 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False,
     if report:
         write_report(out / "report", summary, model, val_set, device)
     return summary
+
+
+def _refinement_set(model: nn.Module, train_set: Dataset, path: Path, device: torch.device,
+                    cfg: TrainConfig, *, fresh: bool, log: Callable[[str], None]) -> Dataset:
+    """The training set relabelled for the refinement stage (:mod:`ccnn.refine`).
+
+    ``fresh``: the stage starts now, so label every training image with the model as it is and
+    write the maps to ``path``; otherwise (resumed inside the stage) read them back.
+    """
+    if not fresh:
+        return RelabelledDataset(train_set, load_labels(path))
+    start = time.perf_counter()
+    model.eval()
+    labels = {}
+    loader = DataLoader(train_set, batch_size=cfg.eval_batch_size, collate_fn=collate,
+                        num_workers=cfg.num_workers)
+    with torch.no_grad():
+        for batch in loader:
+            images = batch["image"].to(device)
+            maps = pseudo_labels(predict_logits(model, images), images, batch["tags"],
+                                 train_set.background).cpu()
+            for name, (height, width), label in zip(batch["name"], batch["shape"], maps,
+                                                    strict=True):
+                labels[name] = label[:height, :width].clone()
+    save_labels(labels, path)
+    log(f"{cfg.method}: refinement labels for {len(labels)} images in "
+        f"{time.perf_counter() - start:.1f} s ({path})")
+    return RelabelledDataset(train_set, labels)
 
 
 def _resume(path: Path, cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,

@@ -237,6 +237,12 @@ def test_demo_table(tmp_path):
     row = table["methods"]["ccnn"]
     assert 0 <= row["miou"] <= 1 and 0 <= row["pixel_accuracy"] <= 1 and row["seconds"] > 0
     assert 0 < row["p_step_share"] < 1
+    saved_config = torch.load(tmp_path / "ccnn" / "checkpoint.pt")["config"]
+    assert saved_config["refine_epochs"] == 2  # the preset's refinement stage after the one epoch
+    log = [json.loads(line) for line in (tmp_path / "ccnn" / "log.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in log] == ["train", "refine", "refine"]
+    assert row["miou_before_refine"] == log[0]["val_miou"]
+    assert "miou_before_refine" not in table["methods"]["full"]
     assert 0 <= row["crf"]["miou"] <= 1 and row["crf"]["seconds"] > 0
     assert (tmp_path / "curves.png").is_file()
     saved = json.loads((tmp_path / "demo.json").read_text())  # the table, kept after each method

@@ -1,0 +1,98 @@
+"""The refinement stage: self-training on the network's own CRF-refined, tag-restricted labels.
+
+CCNN (seed 001) trains only with the P-step's latent distributions and applies the dense CRF at
+test time.  Later weak-label pipelines add a second stage that trains the segmentation network
+on refined pseudo-labels (e.g. Ahn and Kwak 2018 train DeepLab on theirs).  After the P/Q
+epochs, :func:`pseudo_labels` gives each training image a label map:
+
+1. the network's scores at the image's resolution;
+2. restricted to the image's tags and the background — CCNN's suppression constraint, exact;
+3. refined by the dense CRF (:mod:`ccnn.crf`, CCNN's test-time step);
+4. the argmax.
+
+The network then trains on these maps with per-pixel cross-entropy (``refine_epochs`` of
+:class:`ccnn.train.TrainConfig`).  Only the tags are used, so the stage stays weakly supervised.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from ccnn.crf import CRFParams, crf_refine
+from ccnn.report import replace_atomically
+
+__all__ = ["RelabelledDataset", "load_labels", "pseudo_labels", "restrict_to_tags",
+           "save_labels"]
+
+_CRF = CRFParams()  # the test-time CRF's parameters
+# Scores of suppressed classes: exp() of it underflows to exactly zero in float32.
+_SUPPRESSED = -1e4
+
+
+def restrict_to_tags(scores: Tensor, tags: Tensor, background: int | None) -> Tensor:
+    """``scores`` ``(B, L, H, W)`` with every class neither tagged in ``tags`` ``(B, L)`` nor
+    ``background`` set to a score no class can lose to: CCNN's suppression constraint
+    (P(l) = 0 for absent classes) applied exactly."""
+    if tags.shape != scores.shape[:2]:
+        raise ValueError(f"tags have shape {tuple(tags.shape)}, expected {tuple(scores.shape[:2])}")
+    allowed = tags > 0
+    if background is not None:
+        allowed = allowed.clone()
+        allowed[:, background] = True
+    return scores.masked_fill(~allowed[:, :, None, None].to(scores.device), _SUPPRESSED)
+
+
+def pseudo_labels(scores: Tensor, images: Tensor, tags: Tensor, background: int | None,
+                  crf: CRFParams | None = _CRF) -> Tensor:
+    """The refinement stage's label maps ``(B, H, W)`` uint8 (steps 2-4 of the module).
+
+    Args:
+        scores: ``(B, L, H, W)`` the network's logits at the images' resolution.
+        images: ``(B, 3, H, W)`` uint8, the colours the CRF's appearance kernel compares.
+        tags: ``(B, L)`` 0/1, the classes present in each image.
+        background: the background class (always allowed), or ``None``.
+        crf: the dense CRF's parameters; ``None`` takes the argmax of the restricted scores.
+    """
+    if scores.shape[1] > 255:
+        raise ValueError(f"pseudo_labels stores uint8 labels: at most 255 classes, "
+                         f"got {scores.shape[1]}")
+    restricted = restrict_to_tags(scores, tags, background)
+    if crf is not None:
+        restricted = crf_refine(images, restricted, crf)
+    return restricted.argmax(1).to(torch.uint8)
+
+
+def save_labels(labels: dict[str, Tensor], path: Path) -> None:
+    """Write ``{image name: label map}`` to ``path`` atomically (a resumed run reads it back)."""
+    replace_atomically(Path(path), lambda tmp: torch.save(labels, tmp))
+
+
+def load_labels(path: Path) -> dict[str, Tensor]:
+    """The label maps :func:`save_labels` wrote."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"--resume: the refinement stage's labels {path} are missing; "
+                                f"restart the run without --resume")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class RelabelledDataset(Dataset):
+    """``dataset`` with each sample's ``mask`` replaced by its label map in ``labels`` (by the
+    sample's ``name``); tags, sizes and the dataset's class attributes are kept."""
+
+    def __init__(self, dataset: Dataset, labels: dict[str, Tensor]) -> None:
+        self.dataset, self.labels = dataset, labels
+        for name in ("num_classes", "class_names", "palette", "background"):
+            setattr(self, name, getattr(dataset, name))
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.dataset[index]
+        if sample["name"] not in self.labels:
+            raise KeyError(f"no refinement label for image {sample['name']!r}")
+        return {**sample, "mask": self.labels[sample["name"]].long()}

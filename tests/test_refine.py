@@ -1,0 +1,128 @@
+"""The refinement stage: tag-restricted CRF pseudo-labels, the relabelled set, training, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ccnn.cli import build_parser, main
+from ccnn.commands import config_from_args
+from ccnn.crf import CRFParams, crf_refine
+from ccnn.data.synthetic import SyntheticShapes
+from ccnn.refine import RelabelledDataset, pseudo_labels, restrict_to_tags
+from ccnn.train import REFINE_LABELS, TrainConfig, train
+
+TINY = {"model": "small", "lr": 3e-3, "optimizer": "adam", "train_size": 16, "val_size": 8,
+        "batch_size": 8, "dataset_options": {"image_size": 32}, "overlays": 2}
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+def test_untagged_classes_never_win_and_tagged_ones_keep_their_scores():
+    scores = torch.tensor([[[[0.0]], [[5.0]], [[1.0]], [[2.0]]]])  # class 1 wins unrestricted
+    tags = torch.tensor([[0, 0, 1, 1]])
+    out = restrict_to_tags(scores, tags, background=0)
+    assert out[0, :, 0, 0].argmax() == 3  # class 3 now: 1 is not tagged
+    assert out[0, 0, 0, 0] == 0 and out[0, 2, 0, 0] == 1 and out[0, 3, 0, 0] == 2
+    assert torch.softmax(out, 1)[0, 1, 0, 0] == 0  # suppressed exactly, as CCNN's constraint
+    no_background = restrict_to_tags(scores, tags, background=None)
+    assert torch.softmax(no_background, 1)[0, 0, 0, 0] == 0
+    with pytest.raises(ValueError, match="tags have shape"):
+        restrict_to_tags(scores, torch.tensor([[1, 1]]), background=0)
+
+
+def test_pseudo_labels_are_the_argmax_of_the_restricted_crf():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (2, 3, 12, 12), dtype=torch.uint8)
+    scores = torch.randn(2, 4, 12, 12) * 3
+    tags = torch.tensor([[1, 0, 1, 0], [1, 1, 0, 1]])
+    plain = pseudo_labels(scores, images, tags, background=0, crf=None)
+    assert plain.dtype == torch.uint8
+    expected = scores.clone()
+    expected[0, [1, 3]] = -1e9
+    expected[1, 2] = -1e9
+    assert torch.equal(plain.long(), expected.argmax(1))
+    refined = pseudo_labels(scores, images, tags, background=0)
+    allowed = crf_refine(images, restrict_to_tags(scores, tags, 0), CRFParams())
+    assert torch.equal(refined.long(), allowed.argmax(1))
+    assert set(refined[0].unique().tolist()) <= {0, 2} and 2 not in refined[1].unique().tolist()
+
+
+def test_relabelled_dataset_swaps_the_masks_only():
+    data = SyntheticShapes("train", 3, image_size=16)
+    labels = {data[i]["name"]: torch.full((16, 16), i, dtype=torch.uint8) for i in range(3)}
+    relabelled = RelabelledDataset(data, labels)
+    assert len(relabelled) == 3 and relabelled.num_classes == data.num_classes
+    sample = relabelled[2]
+    assert sample["mask"].dtype == torch.int64 and bool((sample["mask"] == 2).all())
+    assert torch.equal(sample["tags"], data[2]["tags"]) and torch.equal(sample["image"],
+                                                                        data[2]["image"])
+    with pytest.raises(KeyError, match="no refinement label"):
+        RelabelledDataset(data, {})[0]
+
+
+def test_refinement_stage_trains_on_tag_restricted_labels(tmp_path):
+    cfg = TrainConfig(method="ccnn", epochs=2, refine_epochs=1, **TINY)
+    summary = train(cfg, tmp_path, report=False, progress_bar=False, log=_quiet)
+    stages = [r["stage"] for r in summary["history"]]
+    assert stages == ["train", "train", "refine"]
+    refine = summary["history"][-1]
+    assert refine["p_seconds"] == 0 and summary["history"][0]["p_seconds"] > 0
+    labels = torch.load(tmp_path / REFINE_LABELS, weights_only=True)
+    data = SyntheticShapes("train", 16, image_size=32)
+    assert set(labels) == {data[i]["name"] for i in range(16)}
+    for i in range(16):
+        present = set(labels[data[i]["name"]].unique().tolist())
+        allowed = {0} | set(data[i]["tags"].nonzero().flatten().tolist())
+        assert present <= allowed, data[i]["name"]
+    logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in logged] == stages
+
+
+class _StopError(Exception):
+    pass
+
+
+def test_resume_inside_the_refinement_stage_matches_an_uninterrupted_run(tmp_path):
+    cfg = TrainConfig(method="ccnn-size", epochs=1, refine_epochs=2, **TINY)
+    train(cfg, tmp_path / "whole", report=False, progress_bar=False, log=_quiet)
+
+    def stop_after_the_first_refine_epoch(message: str) -> None:
+        if "refine epoch 2/3" in message:
+            raise _StopError
+
+    with pytest.raises(_StopError):
+        train(cfg, tmp_path / "cut", report=False, progress_bar=False,
+              log=stop_after_the_first_refine_epoch)
+    train(cfg, tmp_path / "cut", resume=True, report=False, progress_bar=False, log=_quiet)
+    whole = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
+    cut = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    for key, value in whole["model"].items():
+        assert torch.equal(value, cut["model"][key]), key
+
+    (tmp_path / "cut" / REFINE_LABELS).unlink()  # the labels are needed to resume inside
+    cut_state = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    cut_state["epoch"] = 2
+    torch.save(cut_state, tmp_path / "cut" / "checkpoint.pt")
+    with pytest.raises(FileNotFoundError, match="refinement stage's labels"):
+        train(cfg, tmp_path / "cut", resume=True, report=False, progress_bar=False, log=_quiet)
+
+
+def test_refinement_is_refused_for_full_and_negative_epochs():
+    with pytest.raises(ValueError, match="full trains on the masks"):
+        TrainConfig(method="full", refine_epochs=1)
+    with pytest.raises(ValueError, match="refine_epochs must be >= 0"):
+        TrainConfig(method="ccnn", refine_epochs=-1)
+
+
+def test_cli_sets_the_refinement_stage(tmp_path, capsys):
+    args = build_parser().parse_args(["train", "--method", "ccnn", "--refine-epochs", "2"])
+    assert config_from_args(args).refine_epochs == 2
+    assert main(["train", "--method", "full", "--refine-epochs", "1",
+                 "--out", str(tmp_path / "f")]) == 2
+    assert "full trains on the masks" in capsys.readouterr().err
+    assert not (tmp_path / "f").exists()
