@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +36,15 @@ def overlay(image: Tensor, labels: Tensor, palette: Tensor, alpha: float = 0.55)
     return mixed.round().astype(np.uint8)
 
 
+def _mark_refinement(axes: Iterable, histories: Iterable[list[dict]]) -> None:
+    """A dotted line where a run's refinement stage (:mod:`ccnn.refine`) starts."""
+    starts = sorted({next(r["epoch"] + 1 for r in h if r.get("stage") == "refine")
+                     for h in histories if any(r.get("stage") == "refine" for r in h)})
+    for ax in axes:
+        for start in starts:
+            ax.axvline(start - 0.5, color="grey", linestyle=":", label="refinement")
+
+
 def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
     """Training loss, the network's constraint violation and validation mIoU against epochs."""
     import matplotlib
@@ -49,6 +58,7 @@ def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
                               ("training loss", "constraint violation of Q", "validation mIoU"),
                               strict=True):
         ax.plot(epochs, [r[key] for r in history], marker="o")
+        _mark_refinement([ax], [history])
         ax.set_xlabel("epoch")
         ax.set_title(label)
         ax.grid(alpha=0.3)
@@ -71,6 +81,7 @@ def plot_comparison(histories: dict[str, list[dict]], path: Path) -> None:
         epochs = [r["epoch"] + 1 for r in history]
         axes[0].plot(epochs, [r["val_miou"] for r in history], marker=".", label=method)
         axes[1].plot(epochs, [r["violation"] for r in history], marker=".", label=method)
+    _mark_refinement(axes, histories.values())
     for ax, title in zip(axes, ("validation mIoU", "constraint violation of Q (training)"),
                          strict=True):
         ax.set_xlabel("epoch")

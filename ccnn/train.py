@@ -420,8 +420,10 @@ def _resume(path: Path, cfg: TrainConfig, model: nn.Module, optimizer: torch.opt
         raise FileNotFoundError(f"--resume: no checkpoint at {path}")
     state = torch.load(path, map_location="cpu", weights_only=True)
     saved = state["config"]
+    defaults = dataclasses.asdict(TrainConfig())  # for settings newer than the checkpoint
     differ = [k for k, v in dataclasses.asdict(cfg).items()
-              if k not in ("epochs", "device", "num_workers", "crf") and saved.get(k) != v]
+              if k not in ("epochs", "device", "num_workers", "crf")
+              and saved.get(k, defaults[k]) != v]
     if differ:
         raise ValueError(f"--resume: {path} was written with other settings: "
                          + ", ".join(f"{k}={saved.get(k)!r}" for k in differ))

@@ -126,3 +126,17 @@ def test_cli_sets_the_refinement_stage(tmp_path, capsys):
                  "--out", str(tmp_path / "f")]) == 2
     assert "full trains on the masks" in capsys.readouterr().err
     assert not (tmp_path / "f").exists()
+
+
+def test_resume_reads_checkpoints_written_before_the_refinement_stage_existed(tmp_path):
+    cfg = TrainConfig(method="ccnn", epochs=1, **TINY)
+    train(cfg, tmp_path, report=False, progress_bar=False, log=_quiet)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    del state["config"]["refine_epochs"]  # as an older version wrote it
+    torch.save(state, tmp_path / "checkpoint.pt")
+    longer = TrainConfig(method="ccnn", epochs=2, **TINY)
+    summary = train(longer, tmp_path, resume=True, report=False, progress_bar=False, log=_quiet)
+    assert [r["epoch"] for r in summary["history"]] == [0, 1]
+    with pytest.raises(ValueError, match="other settings: refine_epochs=0"):
+        train(TrainConfig(method="ccnn", epochs=2, refine_epochs=1, **TINY), tmp_path,
+              resume=True, report=False, progress_bar=False, log=_quiet)
