@@ -37,9 +37,9 @@ def run_demo(out: str | Path, *, seed: int = 0, methods: Sequence[str] = DEMO_ME
 
     A row holds ``miou``, ``pixel_accuracy``, ``seconds`` (training and validation time), with
     the preset's dense CRF ``crf`` (the same metrics after CCNN's test-time refinement) and, for
-    the constrained methods, ``p_step_share`` (the P-step's share of a training step, over the
-    P/Q epochs) and, for a method with a refinement stage (:mod:`ccnn.refine`),
-    ``miou_before_refine`` (the validation mIoU after its last P/Q epoch).
+    the constrained methods, ``p_step_share`` (the P-step's share of a training step) and, for
+    a method with a refinement stage (:mod:`ccnn.refine`), ``miou_before_refine`` (the
+    validation mIoU after its last P/Q epoch).
     ``overrides`` replace preset settings (tests use them to make the run tiny).
     """
     unknown = [m for m in methods if m not in METHODS]
@@ -70,9 +70,9 @@ def run_demo(out: str | Path, *, seed: int = 0, methods: Sequence[str] = DEMO_ME
         if cfg.refine_epochs:
             row["miou_before_refine"] = summary["history"][cfg.epochs - 1]["val_miou"]
         if method.startswith("ccnn"):
-            steps = [h for h in summary["history"] if h.get("stage") != "refine"]
-            row["p_step_share"] = sum(h["p_seconds"] for h in steps) / max(
-                sum(h["step_seconds"] for h in steps), 1e-12)
+            history = summary["history"]
+            row["p_step_share"] = sum(h["p_seconds"] for h in history) / max(
+                sum(h["step_seconds"] for h in history), 1e-12)
         table["methods"][method] = row
         write_json(out / "demo.json", table)
     plot_comparison(histories, out / "curves.png")

@@ -10,8 +10,11 @@ epochs, :func:`pseudo_labels` gives each training image a label map:
 3. refined by the dense CRF (:mod:`ccnn.crf`, CCNN's test-time step);
 4. the argmax.
 
-The network then trains on these maps with per-pixel cross-entropy (``refine_epochs`` of
-:class:`ccnn.train.TrainConfig`).  Only the tags are used, so the stage stays weakly supervised.
+The network then trains ``refine_epochs`` more epochs (:class:`ccnn.train.TrainConfig`) on its
+method's own loss plus the per-pixel cross-entropy with these maps: for ``ccnn`` and
+``ccnn-size`` the P-step's constraints keep acting, which stops the stage from teaching the
+network its own errors back (a class it mostly missed would otherwise vanish from its labels).
+Only the tags are used, so the stage stays weakly supervised.
 """
 
 from __future__ import annotations

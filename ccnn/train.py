@@ -136,9 +136,9 @@ class Criterion:
 
     Every method reports ``violation``: how far the network's own class fractions (the mean of Q
     over pixels) lie outside the tag bounds — the quantity CCNN's constraints push down.  With
-    ``pixel_targets`` the loss is the per-pixel cross-entropy with the batch's masks whatever
-    the method (the refinement stage, whose masks are pseudo-labels); the violation is still
-    measured against the method's own bounds.
+    ``pixel_targets`` (the refinement stage, whose masks are pseudo-labels) the method's own loss
+    gets the per-pixel cross-entropy with the batch's masks added: for ``ccnn`` and
+    ``ccnn-size`` the constraints keep acting while the network fits its refined labels.
     """
 
     def __init__(self, method: str, num_classes: int, background: int | None, *,
@@ -160,15 +160,15 @@ class Criterion:
     def __call__(self, logits: Tensor, batch: dict) -> tuple[Tensor, dict]:
         lower, upper, slack = (t.to(logits.device) for t in self.tag_bounds(batch))
         p_seconds = 0.0
-        if self.pixel_targets:
-            loss = pixel_loss(logits, batch["mask"].to(logits.device))
-        elif self.method in ("ccnn", "ccnn-size"):
+        if self.method in ("ccnn", "ccnn-size"):
             loss = self.constrained(logits, lower, upper, slack)
             p_seconds = self.constrained.last_seconds
         elif self.method == "mil":
             loss = mil_loss(logits, batch["tags"].to(logits.device))
         else:
             loss = pixel_loss(logits, batch["mask"].to(logits.device))
+        if self.pixel_targets:
+            loss = loss + pixel_loss(logits, batch["mask"].to(logits.device))
         with torch.no_grad():
             fractions = torch.softmax(logits.detach().double(), 1).mean((2, 3))
             violation = bound_violation(fractions, lower, upper).sum(1).mean()
