@@ -15,7 +15,7 @@ _CCNN_SGD = {"model": "vgg16-fcn", "optimizer": "sgd", "lr": 1e-6, "momentum": 0
              "flip": True}
 
 PRESETS: dict[str, dict] = {
-    # The demo's setting: a small network, Adam; the four methods in 9 min 18 s to 9 min 45 s on
+    # The demo's setting: a small network, Adam; the four methods in 9 min 16 s to 9 min 27 s on
     # two CPU cores (seeds 0-4), pretraining and refinement included.
     # Its objects are smaller than VOC's (27% of them under 10% of the image), so the size
     # constraints treat a class as absent only under 2% (CCNN's 10% would suppress them).
@@ -46,9 +46,9 @@ SIZE_HARDNESS = 1000.0
 # time goes to the others.
 SYNTHETIC_MIL_EPOCHS = 3
 # The refinement stage of ccnn and ccnn-size on the synthetic default: two epochs on their own
-# CRF-refined, tag-restricted predictions lifted ccnn-size on all five demo seeds (+0.006 to
-# +0.067 mIoU) and ccnn on three (+0.010 to +0.071; -0.007 and -0.011 on the other two;
-# docs/training.md).  Not CCNN's: VOC and CamVid keep 0.
+# CRF-refined, tag-restricted predictions (beside their constraint loss) lifted ccnn by +0.014 to
+# +0.066 mIoU and ccnn-size by +0.025 to +0.066 on all five demo seeds (docs/training.md).
+# Not CCNN's: VOC and CamVid keep 0.
 SYNTHETIC_REFINE_EPOCHS = 2
 
 

@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader, Subset
 from ccnn.data.synthetic import SyntheticShapes
 from ccnn.data.transforms import augment, collate, normalize
 from ccnn.models import SmallSegNet
-from ccnn.train import ProgressBar, atomic_save, epoch_generator
+from ccnn.report import atomic_save
+from ccnn.train import ProgressBar, epoch_generator
 
 __all__ = ["PretrainConfig", "pretrain"]
 

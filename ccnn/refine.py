@@ -26,10 +26,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ccnn.crf import CRFParams, crf_refine
-from ccnn.report import replace_atomically
 
-__all__ = ["RelabelledDataset", "load_labels", "pseudo_labels", "restrict_to_tags",
-           "save_labels"]
+__all__ = ["RelabelledDataset", "load_labels", "pseudo_labels", "restrict_to_tags"]
 
 _CRF = CRFParams()  # the test-time CRF's parameters
 # Scores of suppressed classes: exp() of it underflows to exactly zero in float32.
@@ -69,13 +67,9 @@ def pseudo_labels(scores: Tensor, images: Tensor, tags: Tensor, background: int 
     return restricted.argmax(1).to(torch.uint8)
 
 
-def save_labels(labels: dict[str, Tensor], path: Path) -> None:
-    """Write ``{image name: label map}`` to ``path`` atomically (a resumed run reads it back)."""
-    replace_atomically(Path(path), lambda tmp: torch.save(labels, tmp))
-
-
 def load_labels(path: Path) -> dict[str, Tensor]:
-    """The label maps :func:`save_labels` wrote."""
+    """The label maps ``{image name: (H, W) uint8}`` the training loop wrote with
+    :func:`ccnn.report.atomic_save` before the stage started."""
     if not Path(path).exists():
         raise FileNotFoundError(f"--resume: the refinement stage's labels {path} are missing; "
                                 f"restart the run without --resume")

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from ccnn.data.base import IGNORE_INDEX
 
-__all__ = ["colorize", "json_path", "overlay", "plot_comparison", "plot_curves",
+__all__ = ["atomic_save", "colorize", "json_path", "overlay", "plot_comparison", "plot_curves",
            "replace_atomically", "write_json", "write_report"]
 
 
@@ -131,6 +131,11 @@ def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     os.replace(tmp, path)
+
+
+def atomic_save(obj: object, path: Path) -> None:
+    """``torch.save`` through :func:`replace_atomically`: a crash leaves the old file."""
+    replace_atomically(Path(path), lambda tmp: torch.save(obj, tmp))
 
 
 def json_path(value: str | Path | None, option: str = "--json") -> Path | None:

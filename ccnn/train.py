@@ -40,10 +40,10 @@ from ccnn.data.transforms import augment, collate, normalize
 from ccnn.loss import ConstrainedLoss, mil_loss, pixel_loss
 from ccnn.metrics import ConfusionMatrix
 from ccnn.models import build_model
-from ccnn.refine import RelabelledDataset, load_labels, pseudo_labels, save_labels
-from ccnn.report import replace_atomically, write_report
+from ccnn.refine import RelabelledDataset, load_labels, pseudo_labels
+from ccnn.report import atomic_save, replace_atomically, write_report
 
-__all__ = ["METHODS", "Criterion", "ProgressBar", "TrainConfig", "atomic_save", "epoch_generator",
+__all__ = ["METHODS", "Criterion", "ProgressBar", "TrainConfig", "epoch_generator",
            "evaluate", "load_datasets", "predict_logits", "predict_scores", "split_dataset",
            "train", "train_one_epoch"]
 
@@ -246,12 +246,6 @@ def evaluate(model: nn.Module, loader: Iterable[dict], num_classes: int,
     return cm.compute()
 
 
-def atomic_save(obj: object, path: Path) -> None:
-    """``torch.save`` through :func:`ccnn.report.replace_atomically`: a crash leaves the old
-    file."""
-    replace_atomically(path, lambda tmp: torch.save(obj, tmp))
-
-
 def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
@@ -407,7 +401,7 @@ def _refinement_set(model: nn.Module, train_set: Dataset, path: Path, device: to
             for name, (height, width), label in zip(batch["name"], batch["shape"], maps,
                                                     strict=True):
                 labels[name] = label[:height, :width].clone()
-    save_labels(labels, path)
+    atomic_save(labels, path)
     log(f"{cfg.method}: refinement labels for {len(labels)} images in "
         f"{time.perf_counter() - start:.1f} s ({path})")
     return RelabelledDataset(train_set, labels)
