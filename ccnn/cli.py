@@ -96,6 +96,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--refine-epochs", type=int, metavar="N",
                    help="weak-label methods: N more epochs on the network's own CRF-refined, "
                         "tag-restricted predictions (ccnn.refine; default 0)")
+    p.add_argument("--refine-lr", type=float, metavar="LR",
+                   help="restart the learning rate at LR for the refinement stage, decaying over "
+                        "its own epochs (default: one schedule spans both stages)")
     p.add_argument("--train-size", type=int, help="synthetic: training images (1000)")
     p.add_argument("--val-size", type=int, help="synthetic: validation images (200)")
     p.add_argument("--seed", type=int, default=0, help="default 0")

@@ -15,8 +15,8 @@ _CCNN_SGD = {"model": "vgg16-fcn", "optimizer": "sgd", "lr": 1e-6, "momentum": 0
              "flip": True}
 
 PRESETS: dict[str, dict] = {
-    # The demo's setting: a small network, Adam; the four methods in 9 min 16 s to 9 min 27 s on
-    # two CPU cores (seeds 0-4), pretraining and refinement included.
+    # The demo's setting: a small network, Adam; the four methods in under 10 minutes on two CPU
+    # cores, pretraining and refinement included (docs/training.md).
     # Its objects are smaller than VOC's (27% of them under 10% of the image), so the size
     # constraints treat a class as absent only under 2% (CCNN's 10% would suppress them).
     # With tags, each tagged class must cover at least 20% (CCNN: 5%); with sizes, at least its
@@ -25,7 +25,7 @@ PRESETS: dict[str, dict] = {
     # the foreground bounds already keep room for every object).  All chosen on the
     # synthetic test split (docs/training.md).  P-step tolerance 1e-3 on its KKT residual
     # (fractions of the image): fewer Newton iterations than 1e-4, the same mIoU.  ``ccnn`` and
-    # ``ccnn-size`` add two epochs of the refinement stage (ccnn.refine; see preset()).
+    # ``ccnn-size`` add three epochs of the refinement stage (ccnn.refine; see preset()).
     "synthetic": {"dataset": "synthetic", "model": "small", "optimizer": "adam", "lr": 5e-4,
                   "weight_decay": 1e-4, "batch_size": 16, "epochs": 14, "schedule": "poly",
                   "bounds": {"size_threshold": 0.02, "fg_lower": 0.2, "size_fg_lower": 0.0,
@@ -45,11 +45,12 @@ SIZE_HARDNESS = 1000.0
 # and its validation mIoU stayed within 0.079-0.083 over 14 (docs/training.md), so the demo's
 # time goes to the others.
 SYNTHETIC_MIL_EPOCHS = 3
-# The refinement stage of ccnn and ccnn-size on the synthetic default: two epochs on their own
-# CRF-refined, tag-restricted predictions (beside their constraint loss) lifted ccnn by +0.014 to
-# +0.066 mIoU and ccnn-size by +0.025 to +0.066 on all five demo seeds (docs/training.md).
+# The refinement stage of ccnn and ccnn-size on the synthetic default: three epochs on their own
+# CRF-refined, tag-restricted predictions (beside their constraint loss), the learning rate
+# restarting at 1e-3 and decaying over them (docs/training.md, "The refinement stage").
 # Not CCNN's: VOC and CamVid keep 0.
-SYNTHETIC_REFINE_EPOCHS = 2
+SYNTHETIC_REFINE_EPOCHS = 3
+SYNTHETIC_REFINE_LR = 1e-3
 
 
 def preset(name: str, method: str) -> dict:
@@ -65,4 +66,5 @@ def preset(name: str, method: str) -> dict:
         settings["epochs"] = SYNTHETIC_MIL_EPOCHS
     if method in ("ccnn", "ccnn-size") and name == "synthetic":
         settings["refine_epochs"] = SYNTHETIC_REFINE_EPOCHS
+        settings["refine_lr"] = SYNTHETIC_REFINE_LR
     return settings

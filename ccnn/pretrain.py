@@ -29,7 +29,7 @@ from ccnn.data.synthetic import SyntheticShapes
 from ccnn.data.transforms import augment, collate, normalize
 from ccnn.models import SmallSegNet
 from ccnn.report import atomic_save
-from ccnn.train import ProgressBar, epoch_generator
+from ccnn.train import ProgressBar, epoch_generator, poly
 
 __all__ = ["PretrainConfig", "pretrain"]
 
@@ -107,8 +107,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, *, progress_bar: bool = True,
     model = _Classifier(SmallSegNet(SyntheticShapes.num_classes), len(data.class_names) - 1)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = cfg.epochs * -(-cfg.images // cfg.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: max(1.0 - step / total, 0.0) ** 0.9)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: poly(step, total))
     history = []
     for epoch in range(cfg.epochs):
         generator = epoch_generator(cfg.seed, epoch)

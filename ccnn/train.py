@@ -61,7 +61,7 @@ class TrainConfig:
     by default); ``dataset_options`` those of the dataset's constructor.  ``train_size`` and
     ``val_size`` set the number of images of the synthetic dataset.  ``refine_epochs`` adds that
     many epochs of the refinement stage (:mod:`ccnn.refine`) after ``epochs``; the schedule
-    spans both.
+    spans both, unless ``refine_lr`` restarts it for the stage (:func:`lr_factor`).
     """
 
     method: str = "ccnn"
@@ -95,6 +95,7 @@ class TrainConfig:
     overlays: int = 8
     crf: bool = False  # also report the final metrics after the dense CRF (ccnn.crf)
     refine_epochs: int = 0
+    refine_lr: float | None = None
 
     def __post_init__(self) -> None:
         self.scale = tuple(self.scale)
@@ -109,6 +110,8 @@ class TrainConfig:
                                                     f"{self.schedule!r}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
             (self.refine_epochs >= 0, f"refine_epochs must be >= 0, got {self.refine_epochs}"),
+            (self.refine_lr is None or self.refine_lr > 0,
+             f"refine_lr must be positive, got {self.refine_lr}"),
             (self.refine_epochs == 0 or self.method != "full",
              "refine_epochs: full trains on the masks; the refinement stage is for the "
              "weak-label methods"),
@@ -253,13 +256,28 @@ def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, schedule: str
-                    ) -> torch.optim.lr_scheduler.LRScheduler:
-    """``"poly"``: DeepLab's ``(1 − t/T)^0.9`` per iteration; ``"constant"``: no decay."""
-    if schedule == "constant":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: max(1.0 - step / total_steps, 0.0) ** 0.9)
+def poly(step: int, total: int) -> float:
+    """DeepLab's "poly" learning-rate factor ``(1 − step/total)^0.9`` (0 from ``total`` on)."""
+    return max(1.0 - step / total, 0.0) ** 0.9
+
+
+def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """The learning rate after ``step`` optimizer steps, as a multiple of ``cfg.lr``.
+
+    ``"poly"`` decays by :func:`poly` over the whole run, refinement stage included;
+    ``"constant"`` keeps 1.  With ``cfg.refine_lr`` the refinement stage has a schedule of its
+    own: it restarts at ``refine_lr`` and decays (``"poly"``) to zero over its own steps, while
+    the P/Q epochs keep the factors they have without it.
+    """
+    total = (cfg.epochs + cfg.refine_epochs) * steps_per_epoch
+    factor = (lambda step: 1.0) if cfg.schedule == "constant" else (lambda step: poly(step, total))
+    if cfg.refine_lr is None or cfg.refine_epochs == 0:
+        return factor
+    first, scale = cfg.epochs * steps_per_epoch, cfg.refine_lr / cfg.lr
+    stage = cfg.refine_epochs * steps_per_epoch
+    restart = (lambda step: scale) if cfg.schedule == "constant" else (
+        lambda step: scale * poly(step - first, stage))
+    return lambda step: factor(step) if step < first else restart(step)
 
 
 def split_dataset(cfg: TrainConfig, split: str, size: int | None = None) -> Dataset:
@@ -318,7 +336,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False,
     optimizer = _make_optimizer(model, cfg)
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     total_epochs = cfg.epochs + cfg.refine_epochs
-    scheduler = _make_scheduler(optimizer, total_epochs * steps_per_epoch, cfg.schedule)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
 
     start_epoch, elapsed = 0, 0.0
     checkpoint_path = out / CHECKPOINT

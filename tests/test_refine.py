@@ -14,7 +14,7 @@ from ccnn.crf import CRFParams, crf_refine
 from ccnn.data.synthetic import SyntheticShapes
 from ccnn.loss import ConstrainedLoss, pixel_loss
 from ccnn.refine import RelabelledDataset, pseudo_labels, restrict_to_tags
-from ccnn.train import REFINE_LABELS, Criterion, TrainConfig, train
+from ccnn.train import REFINE_LABELS, Criterion, TrainConfig, lr_factor, train
 
 TINY = {"model": "small", "lr": 3e-3, "optimizer": "adam", "train_size": 16, "val_size": 8,
         "batch_size": 8, "dataset_options": {"image_size": 32}, "overlays": 2}
@@ -102,7 +102,7 @@ class _StopError(Exception):
 
 
 def test_resume_inside_the_refinement_stage_matches_an_uninterrupted_run(tmp_path):
-    cfg = TrainConfig(method="ccnn-size", epochs=1, refine_epochs=2, **TINY)
+    cfg = TrainConfig(method="ccnn-size", epochs=1, refine_epochs=2, refine_lr=1e-3, **TINY)
     train(cfg, tmp_path / "whole", report=False, progress_bar=False, log=_quiet)
 
     def stop_after_the_first_refine_epoch(message: str) -> None:
@@ -126,16 +126,43 @@ def test_resume_inside_the_refinement_stage_matches_an_uninterrupted_run(tmp_pat
         train(cfg, tmp_path / "cut", resume=True, report=False, progress_bar=False, log=_quiet)
 
 
+def test_refinement_restarts_the_learning_rate_on_its_own_schedule():
+    pq = TrainConfig(method="ccnn", epochs=2, refine_epochs=1, lr=1e-3)
+    restarted = TrainConfig(method="ccnn", epochs=2, refine_epochs=1, lr=1e-3, refine_lr=5e-4)
+    steady = TrainConfig(method="ccnn", epochs=2, refine_epochs=1, lr=1e-3, refine_lr=5e-4,
+                         schedule="constant")
+    one, two, three = (lr_factor(c, steps_per_epoch=4) for c in (pq, restarted, steady))
+    for step in range(13):  # 8 P/Q steps, then 4 refinement steps; 12 is the end
+        whole = (1 - step / 12) ** 0.9
+        assert one(step) == pytest.approx(whole)
+        stage = 0.5 * (1 - (step - 8) / 4) ** 0.9 if step >= 8 else whole
+        assert two(step) == pytest.approx(stage)
+        assert three(step) == (0.5 if step >= 8 else 1.0)
+
+
+def test_the_logged_learning_rate_restarts_with_the_refinement_stage(tmp_path):
+    cfg = TrainConfig(method="ccnn", epochs=2, refine_epochs=2, refine_lr=1e-3, **TINY)
+    history = train(cfg, tmp_path, report=False, progress_bar=False, log=_quiet)["history"]
+    # TINY: 16 images in batches of 8, two steps per epoch, 8 in all; a record holds the rate
+    # of the next step: lr 3e-3 decaying over the 8, then from step 4 on 1e-3 over the last 4
+    expected = [3e-3 * (1 - 2 / 8) ** 0.9, 1e-3, 1e-3 * (1 - 2 / 4) ** 0.9, 0.0]
+    assert [r["lr"] for r in history] == pytest.approx(expected)
+
+
 def test_refinement_is_refused_for_full_and_negative_epochs():
     with pytest.raises(ValueError, match="full trains on the masks"):
         TrainConfig(method="full", refine_epochs=1)
     with pytest.raises(ValueError, match="refine_epochs must be >= 0"):
         TrainConfig(method="ccnn", refine_epochs=-1)
+    with pytest.raises(ValueError, match="refine_lr must be positive"):
+        TrainConfig(method="ccnn", refine_epochs=1, refine_lr=0.0)
 
 
 def test_cli_sets_the_refinement_stage(tmp_path, capsys):
-    args = build_parser().parse_args(["train", "--method", "ccnn", "--refine-epochs", "2"])
+    args = build_parser().parse_args(["train", "--method", "ccnn", "--refine-epochs", "2",
+                                      "--refine-lr", "2e-4"])
     assert config_from_args(args).refine_epochs == 2
+    assert config_from_args(args).refine_lr == 2e-4
     assert main(["train", "--method", "full", "--refine-epochs", "1",
                  "--out", str(tmp_path / "f")]) == 2
     assert "full trains on the masks" in capsys.readouterr().err

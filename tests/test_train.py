@@ -238,9 +238,10 @@ def test_demo_table(tmp_path):
     assert 0 <= row["miou"] <= 1 and 0 <= row["pixel_accuracy"] <= 1 and row["seconds"] > 0
     assert 0 < row["p_step_share"] < 1
     saved_config = torch.load(tmp_path / "ccnn" / "checkpoint.pt")["config"]
-    assert saved_config["refine_epochs"] == 2  # the preset's refinement stage after the one epoch
+    assert saved_config["refine_epochs"] == 3  # the preset's refinement stage after the one epoch
+    assert saved_config["refine_lr"] == 1e-3  # ... which restarts the learning rate
     log = [json.loads(line) for line in (tmp_path / "ccnn" / "log.jsonl").read_text().splitlines()]
-    assert [r["stage"] for r in log] == ["train", "refine", "refine"]
+    assert [r["stage"] for r in log] == ["train", "refine", "refine", "refine"]
     assert row["miou_before_refine"] == log[0]["val_miou"]
     assert "miou_before_refine" not in table["methods"]["full"]
     assert 0 <= row["crf"]["miou"] <= 1 and row["crf"]["seconds"] > 0
