@@ -60,7 +60,7 @@ def main_demo(args: argparse.Namespace) -> int:
     from ccnn.demo import format_table, run_demo
     from ccnn.report import json_path, write_json
 
-    out_json = json_path(args.json)  # before minutes of training
+    out_json = json_path(args.json)  # checked before any training
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     sizes = {k: getattr(args, k) for k in ("train_size", "val_size") if getattr(args, k)}
     table = run_demo(args.out, seed=args.seed, methods=methods, epochs=args.epochs,

@@ -38,8 +38,9 @@ def overlay(image: Tensor, labels: Tensor, palette: Tensor, alpha: float = 0.55)
 
 def _mark_refinement(axes: Iterable, histories: Iterable[list[dict]]) -> None:
     """A dotted line where a run's refinement stage (:mod:`ccnn.refine`) starts."""
-    starts = sorted({next(r["epoch"] + 1 for r in h if r.get("stage") == "refine")
-                     for h in histories if any(r.get("stage") == "refine" for r in h)})
+    firsts = (next((r["epoch"] + 1 for r in h if r.get("stage") == "refine"), None)
+              for h in histories)
+    starts = sorted({start for start in firsts if start is not None})
     for ax in axes:
         for start in starts:
             ax.axvline(start - 0.5, color="grey", linestyle=":", label="refinement")
@@ -58,10 +59,10 @@ def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
                               ("training loss", "constraint violation of Q", "validation mIoU"),
                               strict=True):
         ax.plot(epochs, [r[key] for r in history], marker="o")
-        _mark_refinement([ax], [history])
         ax.set_xlabel("epoch")
         ax.set_title(label)
         ax.grid(alpha=0.3)
+    _mark_refinement(axes, [history])
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -269,15 +269,15 @@ def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
     own: it restarts at ``refine_lr`` and decays (``"poly"``) to zero over its own steps, while
     the P/Q epochs keep the factors they have without it.
     """
+    def decay(step: int, total: int) -> float:
+        return 1.0 if cfg.schedule == "constant" else poly(step, total)
+
     total = (cfg.epochs + cfg.refine_epochs) * steps_per_epoch
-    factor = (lambda step: 1.0) if cfg.schedule == "constant" else (lambda step: poly(step, total))
     if cfg.refine_lr is None or cfg.refine_epochs == 0:
-        return factor
-    first, scale = cfg.epochs * steps_per_epoch, cfg.refine_lr / cfg.lr
-    stage = cfg.refine_epochs * steps_per_epoch
-    restart = (lambda step: scale) if cfg.schedule == "constant" else (
-        lambda step: scale * poly(step - first, stage))
-    return lambda step: factor(step) if step < first else restart(step)
+        return lambda step: decay(step, total)
+    first, stage = cfg.epochs * steps_per_epoch, cfg.refine_epochs * steps_per_epoch
+    scale = cfg.refine_lr / cfg.lr
+    return lambda step: decay(step, total) if step < first else scale * decay(step - first, stage)
 
 
 def split_dataset(cfg: TrainConfig, split: str, size: int | None = None) -> Dataset:
