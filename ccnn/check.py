@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from ccnn.io import json_path, write_json
 from ccnn.latent import METHODS, latent_objective, solve_latent
 from ccnn.reference import random_problem, solve_latent_cvxpy
-from ccnn.report import json_path, write_json
 
 __all__ = ["CheckRow", "run_check"]
 

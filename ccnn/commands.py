@@ -58,7 +58,7 @@ def main_train(args: argparse.Namespace) -> int:
 def main_demo(args: argparse.Namespace) -> int:
     """``ccnn demo``: the four methods on the synthetic default, as a table."""
     from ccnn.demo import format_table, run_demo
-    from ccnn.report import json_path, write_json
+    from ccnn.io import json_path, write_json
 
     out_json = json_path(args.json)  # checked before any training
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
@@ -87,7 +87,7 @@ def main_pretrain(args: argparse.Namespace) -> int:
 def main_evaluate(args: argparse.Namespace) -> int:
     """``ccnn evaluate``: metrics of a checkpoint, per class."""
     from ccnn.inference import evaluate_checkpoint
-    from ccnn.report import json_path, write_json
+    from ccnn.io import json_path, write_json
 
     out_json = json_path(args.json)
     m = evaluate_checkpoint(args.checkpoint, split=args.split, data_root=args.data_root,

@@ -12,9 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ccnn.io import write_json
 from ccnn.presets import preset
 from ccnn.pretrain import PretrainConfig, pretrain
-from ccnn.report import plot_comparison, write_json
+from ccnn.report import plot_comparison
 from ccnn.train import METHODS, TrainConfig, load_datasets, train
 
 __all__ = ["DEMO_METHODS", "format_table", "run_demo"]

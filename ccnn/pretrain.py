@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader, Subset
 
 from ccnn.data.synthetic import SyntheticShapes
 from ccnn.data.transforms import augment, collate, normalize
+from ccnn.io import atomic_save
 from ccnn.models import SmallSegNet
-from ccnn.report import atomic_save
 from ccnn.train import ProgressBar, epoch_generator, poly
 
 __all__ = ["PretrainConfig", "pretrain"]

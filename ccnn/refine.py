@@ -69,7 +69,7 @@ def pseudo_labels(scores: Tensor, images: Tensor, tags: Tensor, background: int 
 
 def load_labels(path: Path) -> dict[str, Tensor]:
     """The label maps ``{image name: (H, W) uint8}`` the training loop wrote with
-    :func:`ccnn.report.atomic_save` before the stage started."""
+    :func:`ccnn.io.atomic_save` before the stage started."""
     if not Path(path).exists():
         raise FileNotFoundError(f"--resume: the refinement stage's labels {path} are missing; "
                                 f"restart the run without --resume")

@@ -37,11 +37,12 @@ from ccnn.constraints import BOUND_CONSTANTS, bound_violation, tag_bounds
 from ccnn.crf import CRFParams, crf_refine
 from ccnn.data import build_dataset
 from ccnn.data.transforms import augment, collate, normalize
+from ccnn.io import atomic_save, replace_atomically
 from ccnn.loss import ConstrainedLoss, mil_loss, pixel_loss
 from ccnn.metrics import ConfusionMatrix
 from ccnn.models import build_model
 from ccnn.refine import RelabelledDataset, load_labels, pseudo_labels
-from ccnn.report import atomic_save, replace_atomically, write_report
+from ccnn.report import write_report
 
 __all__ = ["METHODS", "Criterion", "ProgressBar", "TrainConfig", "epoch_generator",
            "evaluate", "load_datasets", "predict_logits", "predict_scores", "split_dataset",

@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 
+from ccnn.io import write_json
 from ccnn.latent import solve_latent
 from ccnn.reference import random_problem, solve_latent_cvxpy
-from ccnn.report import write_json
 
 REGIMES = {
     "untrained": {"scale": 0.5, "fg_bias": (0.0, 0.0), "bg_bias": (0.0, 0.0)},

@@ -21,9 +21,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from ccnn.data.transforms import collate
 from ccnn.inference import load_checkpoint
+from ccnn.io import write_json
 from ccnn.latent import solve_latent
 from ccnn.presets import preset
-from ccnn.report import write_json
 from ccnn.train import TrainConfig, load_datasets, predict_logits, train
 
 

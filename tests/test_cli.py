@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from ccnn.cli import main
-from ccnn.report import write_json
+from ccnn.io import write_json
 
 
 def test_check_passes_and_prints_the_table(capsys):
