@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from ccnn.presets import preset
+from ccnn.progress import on_terminal
 from ccnn.train import TrainConfig, train
 
 __all__ = ["config_from_args", "main_demo", "main_evaluate", "main_predict", "main_train"]
@@ -47,7 +48,8 @@ def main_train(args: argparse.Namespace) -> int:
     """``ccnn train``: one run; prints the final metrics and where the report is."""
     cfg = config_from_args(args)
     out = Path(args.out or f"runs/{args.preset}-{args.method}")
-    summary = train(cfg, out, resume=args.resume, progress_bar=args.progress, log=_stderr)
+    summary = train(cfg, out, resume=args.resume, progress_bar=on_terminal(args.progress),
+                    log=_stderr)
     crf = f" (with the dense CRF {summary['crf']['miou']:.4f})" if "crf" in summary else ""
     print(f"{cfg.method}: mIoU {summary['miou']:.4f}{crf}, pixel accuracy "
           f"{summary['pixel_accuracy']:.4f}, {summary['seconds']:.0f} s; report in "
@@ -64,7 +66,8 @@ def main_demo(args: argparse.Namespace) -> int:
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     sizes = {k: getattr(args, k) for k in ("train_size", "val_size") if getattr(args, k)}
     table = run_demo(args.out, seed=args.seed, methods=methods, epochs=args.epochs,
-                     pretraining=args.pretrain, progress_bar=args.progress, log=_stderr, **sizes)
+                     pretraining=args.pretrain, progress_bar=on_terminal(args.progress),
+                     log=_stderr, **sizes)
     print(format_table(table))
     print(f"reports in {Path(args.out)}/<method>/report")
     if out_json is not None:
@@ -78,7 +81,7 @@ def main_pretrain(args: argparse.Namespace) -> int:
 
     fields = ("images", "epochs", "lr", "batch_size", "seed")
     cfg = PretrainConfig(**{k: getattr(args, k) for k in fields if getattr(args, k) is not None})
-    result = pretrain(cfg, args.out, progress_bar=args.progress, log=_stderr)
+    result = pretrain(cfg, args.out, progress_bar=on_terminal(args.progress), log=_stderr)
     print(f"validation accuracy {result['accuracy']:.3f} after {result['seconds']:.1f} s; "
           f"weights in {result['path']} (ccnn train --backbone-weights {result['path']})")
     return 0

@@ -29,7 +29,8 @@ from ccnn.data.synthetic import SyntheticShapes
 from ccnn.data.transforms import augment, collate, normalize
 from ccnn.io import atomic_save
 from ccnn.models import SmallSegNet
-from ccnn.train import ProgressBar, epoch_generator, poly
+from ccnn.progress import ProgressBar
+from ccnn.train import epoch_generator, poly
 
 __all__ = ["PretrainConfig", "pretrain"]
 

@@ -41,10 +41,11 @@ from ccnn.io import atomic_save, replace_atomically
 from ccnn.loss import ConstrainedLoss, mil_loss, pixel_loss
 from ccnn.metrics import ConfusionMatrix
 from ccnn.models import build_model
+from ccnn.progress import ProgressBar
 from ccnn.refine import RelabelledDataset, load_labels, pseudo_labels
 from ccnn.report import write_report
 
-__all__ = ["METHODS", "Criterion", "ProgressBar", "TrainConfig", "epoch_generator",
+__all__ = ["METHODS", "Criterion", "TrainConfig", "epoch_generator",
            "evaluate", "load_datasets", "predict_logits", "predict_scores", "split_dataset",
            "train", "train_one_epoch"]
 
@@ -444,32 +445,3 @@ def _resume(path: Path, cfg: TrainConfig, model: nn.Module, optimizer: torch.opt
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return int(state["epoch"]), float(state["elapsed"])
-
-
-_SHORT = {"violation": "viol", "images_per_second": "img_s", "accuracy": "acc"}
-
-
-class ProgressBar:
-    """A tqdm bar whose postfix shows a step's statistics (loss, violation, images/s...);
-    silent when disabled."""
-
-    def __init__(self, enabled: bool, total: int, description: str) -> None:
-        self.enabled, self.total, self.description = enabled, total, description
-        self.bar = None
-
-    def __enter__(self) -> Callable[[dict], None]:
-        if self.enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=self.total, desc=self.description, leave=False)
-        return self.update
-
-    def update(self, stats: dict) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix({_SHORT.get(k, k): f"{v:.0f}" if k == "images_per_second"
-                                  else f"{v:.3f}" for k, v in stats.items()})
-            self.bar.update()
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.close()
