@@ -10,7 +10,8 @@ from ccnn.presets import preset
 from ccnn.progress import on_terminal
 from ccnn.train import TrainConfig, train
 
-__all__ = ["config_from_args", "main_demo", "main_evaluate", "main_predict", "main_train"]
+__all__ = ["config_from_args", "main_demo", "main_evaluate", "main_hypersphere", "main_predict",
+           "main_train"]
 
 # options of ``ccnn train`` that are fields of TrainConfig, taken when given on the command line
 _FIELDS = ("model", "backbone_weights", "epochs", "batch_size", "optimizer", "lr", "momentum",
@@ -112,4 +113,24 @@ def main_predict(args: argparse.Namespace) -> int:
     written = predict_folder(args.checkpoint, args.input, args.output, device=args.device,
                              crf=args.crf)
     print(f"wrote {len(written)} masks to {args.output}")
+    return 0
+
+
+def main_hypersphere(args: argparse.Namespace) -> int:
+    """``ccnn hypersphere``: Eq. 16-17 with Soft-SGD, Hard-SGD and the persistent pool."""
+    from ccnn.hypersphere import HypersphereConfig, run_hypersphere
+    from ccnn.io import json_path, write_json
+
+    out_json = json_path(args.json)
+    fields = ("dim", "spheres", "active", "iterations", "lam", "soft_lr", "eta", "budget",
+              "per_coordinate", "seed", "dtype")
+    cfg = HypersphereConfig(**{k: getattr(args, k) for k in fields})
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    result = run_hypersphere(cfg, Path(args.out), methods, progress=on_terminal(args.progress))
+    print(f"{'method':<16} {'median |C|':>12} {'s/iter':>8}")
+    for name, record in result["methods"].items():
+        print(f"{name:<16} {record['median_violation']:>12.4g} {record['seconds_per_iter']:>8.3f}")
+    print(f"figures in {args.out}")
+    if out_json is not None:
+        write_json(out_json, result)
     return 0

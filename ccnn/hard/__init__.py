@@ -1,9 +1,73 @@
-"""Hard constraints on network outputs: linear-algebra building blocks.
+"""Hard constraints on network outputs, importable on its own (it needs only PyTorch).
 
-The hard-constraint methods (Márquez-Neila, Salzmann, Fua 2017) solve symmetric, often singular
-KKT systems matrix-free at every step; :func:`minres_qlp` is the solver they use.
+Márquez-Neila, Salzmann and Fua, "Imposing Hard Constraints on Deep Networks: Promises and
+Limitations" (2017): at every step the constraints on the network's outputs are linearized and the
+KKT system of Eq. 5, 6 or 12 is solved matrix-free with MINRES-QLP (Choi, Paige and Saunders
+2011). Beside it: the active-constraint pools of §4.4 (random, mined by Eq. 9, and a persistent
+pool that does not forget), the soft and Lagrangian baselines, and a toolbox of exact projections
+and reparameterizations.
+
+>>> import torch
+>>> from ccnn.hard import HardSGD
+>>> model = torch.nn.Linear(3, 2)
+>>> opt = HardSGD(model, lr=0.1)
+>>> x = torch.randn(8, 3)
+>>> step = opt.step(lambda net: net(x).square().mean(),
+...                 lambda net: net(x).sum(1) - 1.0)   # outputs of each sample sum to 1
+>>> bool((model(x).sum(1) - 1.0).abs().max() < 1e-4)
+True
 """
 
+from ccnn.hard.active import (
+    ActiveSet,
+    MinedActive,
+    PersistentActive,
+    RandomActive,
+    median_violation,
+)
+from ccnn.hard.kkt import KKTStep, kkt_step
 from ccnn.hard.minres_qlp import Flag, MinresQLPInfo, minres_qlp
+from ccnn.hard.optim import HardAdam, HardGaussNewton, HardSGD
+from ccnn.hard.penalties import DualAscent, IndexedMultipliers, lagrangian, soft_penalty
+from ccnn.hard.projections import (
+    Projected,
+    dykstra,
+    project_affine,
+    project_box,
+    project_l1_ball,
+    project_l2_ball,
+    project_nonnegative,
+    project_simplex,
+)
+from ccnn.hard.reparam import Box, Positive, Simplex
 
-__all__ = ["Flag", "MinresQLPInfo", "minres_qlp"]
+__all__ = [
+    "ActiveSet",
+    "Box",
+    "DualAscent",
+    "Flag",
+    "HardAdam",
+    "HardGaussNewton",
+    "HardSGD",
+    "IndexedMultipliers",
+    "KKTStep",
+    "MinedActive",
+    "MinresQLPInfo",
+    "PersistentActive",
+    "Positive",
+    "Projected",
+    "RandomActive",
+    "Simplex",
+    "dykstra",
+    "kkt_step",
+    "lagrangian",
+    "median_violation",
+    "minres_qlp",
+    "project_affine",
+    "project_box",
+    "project_l1_ball",
+    "project_l2_ball",
+    "project_nonnegative",
+    "project_simplex",
+    "soft_penalty",
+]

@@ -1,0 +1,374 @@
+"""``torch.optim``-style optimizers that impose hard constraints on a network's outputs.
+
+Thin shells around :func:`ccnn.hard.kkt.kkt_step` (Márquez-Neila, Salzmann and Fua, "Imposing
+Hard Constraints on Deep Networks: Promises and Limitations", 2017): each ``step`` solves one
+KKT system at the model's current parameters and adds ``dw`` to them in place. The loss and the
+constraints are functions of ``net``, a callable that evaluates the model at the trial parameters
+(through :func:`torch.func.functional_call`), so that the solver can differentiate through it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from ccnn.hard.kkt import KKTStep, kkt_step
+
+__all__ = ["HardAdam", "HardGaussNewton", "HardSGD"]
+
+Net = Callable[..., Any]
+
+
+def _call_model(model: nn.Module, params: dict[str, Tensor], *args: Any, **kwargs: Any) -> Any:
+    """``model(*args, **kwargs)`` with ``params`` in place of its trainable parameters."""
+    return torch.func.functional_call(model, params, args, kwargs)
+
+
+def _check_positive(value: object, message: str) -> None:
+    """ValueError ``message: value`` unless ``value`` is a finite real number > 0."""
+    ok = not isinstance(value, bool) and isinstance(value, int | float)
+    if not (ok and math.isfinite(value) and value > 0):  # type: ignore[arg-type]
+        raise ValueError(f"{message}: {value!r}")
+
+
+def _check_solver(rtol: object, maxit: object) -> None:
+    """The MINRES-QLP settings shared by the three optimizers."""
+    ok = not isinstance(rtol, bool) and isinstance(rtol, int | float)
+    if not (ok and math.isfinite(rtol) and rtol >= 0):  # type: ignore[arg-type]
+        raise ValueError(f"Invalid rtol (must be finite and >= 0): {rtol!r}")
+    if maxit is not None and (isinstance(maxit, bool) or not isinstance(maxit, int) or maxit < 0):
+        raise ValueError(f"Invalid maxit (must be None or an int >= 0): {maxit!r}")
+
+
+class _HardOptimizer(torch.optim.Optimizer):
+    """The shared shell: the model, its trainable parameters by name, one parameter group."""
+
+    def __init__(self, model: nn.Module, defaults: dict[str, Any]) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("model has no parameters that require grad")
+        self._model = model
+        self._names = [name for name, _ in named]
+        super().__init__([p for _, p in named], defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Only the one group made from the model is supported; a second raises ValueError."""
+        if self.param_groups:
+            raise ValueError(
+                f"{type(self).__name__} optimizes the model's trainable parameters as one "
+                "parameter group; add_param_group cannot add another"
+            )
+        super().add_param_group(param_group)
+
+    @property
+    def _group(self) -> dict[str, Any]:
+        return self.param_groups[0]
+
+    def _named_params(self) -> dict[str, Tensor]:
+        """The optimized parameters by name (the live tensors)."""
+        return dict(zip(self._names, self._group["params"], strict=True))
+
+    def _wrap(self, fn: Callable[[Net], Tensor] | None) -> Callable[[dict], Tensor] | None:
+        """``fn(net)`` as a function of the parameter dict, for :func:`kkt_step`."""
+        if fn is None:
+            return None
+        model = self._model
+        return lambda params: fn(partial(_call_model, model, params))
+
+    def _apply(self, result: KKTStep) -> KKTStep:
+        """Add ``dw`` to the parameters in place."""
+        with torch.no_grad():
+            for name, p in self._named_params().items():
+                p.add_(result.delta[name])
+        return result
+
+
+class HardSGD(_HardOptimizer):
+    r"""Projected gradient descent onto the linearized hard constraints (Eq. 5).
+
+    Each step solves, at the current parameters ``w``, with ``η = 1/lr`` and ``J = ∂C/∂w``,
+
+    .. math::
+
+        \begin{bmatrix} \eta I & J^\top \\ J & 0 \end{bmatrix}
+        \begin{bmatrix} dw \\ \Lambda \end{bmatrix} =
+        \begin{bmatrix} -\partial R/\partial w \\ -C(w) \end{bmatrix}
+
+    (Eq. 5 of Márquez-Neila, Salzmann and Fua, "Imposing Hard Constraints on Deep Networks:
+    Promises and Limitations", 2017) and sets ``w ← w + dw``: a gradient step of length ``lr``
+    projected onto the linearized constraints, which are also pulled to zero. It solves the
+    equivalent reduced system ``(J Jᵀ/η)Λ = C − J g/η`` by MINRES-QLP, whose minimum-length
+    answer keeps the step finite when constraints are duplicated or contradictory.
+
+    Args:
+        model: the network; its parameters that require grad are optimized (one group).
+        lr: learning rate, ``1/η`` (default 1e-2), > 0.
+        rtol: MINRES-QLP's relative tolerance (default 1e-6).
+        maxit: MINRES-QLP's iteration limit (default None: 4× the system size).
+
+    ``step(loss, constraints=None, *, inequality=False)`` takes ``loss(net) -> scalar`` and
+    ``constraints(net) -> Tensor`` (any shape), where ``net(*args)`` evaluates the model at the
+    trial parameters; ``inequality`` is as in :func:`~ccnn.hard.kkt.kkt_step`. It returns the
+    :class:`~ccnn.hard.kkt.KKTStep` after adding its ``delta`` to the parameters.
+
+    Example:
+        Fit a linear model while its two outputs sum to 1 at four points; the constraints are
+        linear in the parameters, so one step satisfies them:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from torch.nn import functional as F
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x, y, xc = (torch.randn(n, k, generator=g) for n, k in ((8, 3), (8, 2), (4, 3)))
+        >>> model = nn.Linear(3, 2)
+        >>> opt = HardSGD(model, lr=0.1)
+        >>> def loss(net):
+        ...     return F.mse_loss(net(x), y)
+        >>> def constraints(net):
+        ...     return net(xc).sum(dim=1) - 1
+        >>> result = opt.step(loss, constraints)
+        >>> bool(constraints(model).abs().max() < 1e-4)
+        True
+    """
+
+    def __init__(
+        self, model: nn.Module, lr: float = 1e-2, *, rtol: float = 1e-6, maxit: int | None = None
+    ) -> None:
+        _check_positive(lr, "Invalid learning rate")
+        _check_solver(rtol, maxit)
+        super().__init__(model, {"lr": lr, "rtol": rtol, "maxit": maxit})
+
+    def step(  # type: ignore[override]
+        self,
+        loss: Callable[[Net], Tensor],
+        constraints: Callable[[Net], Tensor] | None = None,
+        *,
+        inequality: bool | Tensor = False,
+    ) -> KKTStep:
+        """One KKT step (Eq. 5); returns the :class:`~ccnn.hard.kkt.KKTStep`."""
+        group = self._group
+        result = kkt_step(
+            self._named_params(),
+            self._wrap(loss),
+            self._wrap(constraints),
+            eta=1.0 / group["lr"],
+            method="sgd",
+            rtol=group["rtol"],
+            maxit=group["maxit"],
+            inequality=inequality,
+        )
+        return self._apply(result)
+
+
+class HardAdam(_HardOptimizer):
+    r"""Constrained Adam (Eq. 10-12): Adam's moments, projected onto the linearized constraints.
+
+    Each step updates, with the gradient ``∂R/∂w`` at the current ``w``,
+    ``m ← β₁m + (1 − β₁)∂R/∂w`` and ``v ← β₂v + (1 − β₂)(∂R/∂w)²`` (Eq. 10-11), then solves
+
+    .. math::
+
+        \begin{bmatrix} D & J^\top \\ J & 0 \end{bmatrix}
+        \begin{bmatrix} dw \\ \Lambda \end{bmatrix} =
+        \begin{bmatrix} -m \\ -C(w) \end{bmatrix}, \qquad
+        f = \frac{\sqrt{1 - \beta_2^{t+1}}}{1 - \beta_1^{t+1}}, \quad \eta = 1/\mathrm{lr},
+
+    and sets ``w ← w + dw`` (Márquez-Neila, Salzmann and Fua, "Imposing Hard Constraints on Deep
+    Networks: Promises and Limitations", 2017, §4.5). With ``bias_correction="eq12"`` (default)
+    ``D = η f diag(√v + ε)`` as Eq. 12 is printed; its unconstrained step is Adam's divided by
+    ``f²`` (e.g. ``10×`` Adam's at the first step with the default betas), because Adam's bias
+    correction multiplies the step by ``f``. With ``bias_correction="adam"``
+    ``D = (η/f) diag(√v + ε√(1 − β₂^{t+1}))`` and the unconstrained step is exactly
+    ``torch.optim.Adam``'s with the same ``lr``. The state (``exp_avg`` = m, ``exp_avg_sq`` = v,
+    ``step`` = t) lives in ``self.state[p]`` as in ``torch.optim.Adam``, so ``state_dict()`` and
+    ``load_state_dict()`` resume exactly.
+
+    Args:
+        model: the network; its parameters that require grad are optimized (one group).
+        lr: learning rate, ``1/η`` (default 1e-3), > 0.
+        betas: ``(β₁, β₂)``, each in [0, 1) (default (0.9, 0.999)).
+        eps: ``ε`` > 0 (default 1e-8).
+        bias_correction: ``"eq12"`` (default) or ``"adam"``, as above.
+        rtol: MINRES-QLP's relative tolerance (default 1e-6).
+        maxit: MINRES-QLP's iteration limit (default None: 4× the system size).
+
+    ``step(loss, constraints=None, *, inequality=False)`` is as for :class:`HardSGD`.
+
+    Example:
+        Without constraints and with ``bias_correction="adam"`` the step is Adam's:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> model, twin = nn.Linear(3, 1), nn.Linear(3, 1)
+        >>> _ = twin.load_state_dict(model.state_dict())
+        >>> x = torch.ones(4, 3)
+        >>> opt = HardAdam(model, lr=0.1, bias_correction="adam")
+        >>> adam = torch.optim.Adam(twin.parameters(), lr=0.1)
+        >>> result = opt.step(lambda net: net(x).pow(2).mean())
+        >>> twin(x).pow(2).mean().backward(); adam.step()
+        >>> torch.allclose(model.weight, twin.weight, atol=1e-6)
+        True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        *,
+        bias_correction: Literal["eq12", "adam"] = "eq12",
+        rtol: float = 1e-6,
+        maxit: int | None = None,
+    ) -> None:
+        _check_positive(lr, "Invalid learning rate")
+        if not (isinstance(betas, tuple | list) and len(betas) == 2):
+            raise ValueError(f"Invalid betas (must be a pair): {betas!r}")
+        for i, beta in enumerate(betas):
+            if isinstance(beta, bool) or not isinstance(beta, int | float) or not 0 <= beta < 1:
+                raise ValueError(f"Invalid beta parameter at index {i}: {beta!r}")
+        _check_positive(eps, "Invalid epsilon value")
+        if bias_correction not in ("eq12", "adam"):
+            raise ValueError(
+                f"Invalid bias_correction (must be 'eq12' or 'adam'): {bias_correction!r}"
+            )
+        _check_solver(rtol, maxit)
+        defaults = {
+            "lr": lr,
+            "betas": tuple(betas),
+            "eps": eps,
+            "bias_correction": bias_correction,
+            "rtol": rtol,
+            "maxit": maxit,
+        }
+        super().__init__(model, defaults)
+
+    def _kkt_state(self) -> dict[str, Any]:
+        """``self.state`` as :func:`kkt_step`'s ``state`` dict (empty before the first step)."""
+        named = self._named_params()
+        if not all(self.state[p] for p in named.values()):
+            return {}
+        states = {name: self.state[p] for name, p in named.items()}
+        return {
+            "m": {name: st["exp_avg"] for name, st in states.items()},
+            "v": {name: st["exp_avg_sq"] for name, st in states.items()},
+            "t": int(states[self._names[0]]["step"]),
+        }
+
+    def step(  # type: ignore[override]
+        self,
+        loss: Callable[[Net], Tensor],
+        constraints: Callable[[Net], Tensor] | None = None,
+        *,
+        inequality: bool | Tensor = False,
+    ) -> KKTStep:
+        """One constrained Adam step (Eq. 10-12); returns the :class:`~ccnn.hard.kkt.KKTStep`."""
+        group = self._group
+        state = self._kkt_state()
+        result = kkt_step(
+            self._named_params(),
+            self._wrap(loss),
+            self._wrap(constraints),
+            eta=1.0 / group["lr"],
+            method="adam",
+            state=state,
+            rtol=group["rtol"],
+            maxit=group["maxit"],
+            inequality=inequality,
+            betas=group["betas"],
+            eps=group["eps"],
+            bias_correction=group["bias_correction"],
+        )
+        for name, p in self._named_params().items():
+            self.state[p] = {
+                "step": state["t"],
+                "exp_avg": state["m"][name],
+                "exp_avg_sq": state["v"][name],
+            }
+        return self._apply(result)
+
+
+class HardGaussNewton(_HardOptimizer):
+    r"""Constrained Gauss-Newton / Levenberg-Marquardt (Eq. 6) for ``R = ½‖r‖²``.
+
+    Each step solves, with ``Jᵣ = ∂r/∂w``, ``J = ∂C/∂w`` at the current ``w`` and
+    ``η = damping``,
+
+    .. math::
+
+        \begin{bmatrix} J_r^\top J_r + \eta I & J^\top \\ J & 0 \end{bmatrix}
+        \begin{bmatrix} dw \\ \Lambda \end{bmatrix} =
+        \begin{bmatrix} -J_r^\top r(w) \\ -C(w) \end{bmatrix}
+
+    matrix-free with the products of Algorithm 2 (Márquez-Neila, Salzmann and Fua, "Imposing
+    Hard Constraints on Deep Networks: Promises and Limitations", 2017) and MINRES-QLP, and sets
+    ``w ← w + dw``.
+
+    Args:
+        model: the network; its parameters that require grad are optimized (one group).
+        damping: ``η`` > 0 (default 1.0).
+        rtol: MINRES-QLP's relative tolerance (default 1e-6).
+        maxit: MINRES-QLP's iteration limit (default None: 4× the system size).
+
+    ``step(residuals, constraints=None, *, loss=None, inequality=False)`` takes
+    ``residuals(net) -> Tensor`` (``r``, any shape) and optionally ``loss(net)``, evaluated only
+    to report ``loss_value`` (default ``½‖r‖²``).
+
+    Example:
+        A linear least-squares fit under a linear constraint is solved in one step when the
+        damping is small:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(10, 2, generator=g, dtype=torch.float64)
+        >>> y = torch.randn(10, 1, generator=g, dtype=torch.float64)
+        >>> model = nn.Linear(2, 1).double()
+        >>> opt = HardGaussNewton(model, damping=1e-12, rtol=1e-12)
+        >>> origin = torch.zeros(1, 2, dtype=torch.float64)
+        >>> result = opt.step(lambda net: net(x) - y, lambda net: net(origin))  # 0 at the origin
+        >>> abs(model.bias.item()) < 1e-10
+        True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        damping: float = 1.0,
+        *,
+        rtol: float = 1e-6,
+        maxit: int | None = None,
+    ) -> None:
+        _check_positive(damping, "Invalid damping")
+        _check_solver(rtol, maxit)
+        super().__init__(model, {"damping": damping, "rtol": rtol, "maxit": maxit})
+
+    def step(  # type: ignore[override]
+        self,
+        residuals: Callable[[Net], Tensor],
+        constraints: Callable[[Net], Tensor] | None = None,
+        *,
+        loss: Callable[[Net], Tensor] | None = None,
+        inequality: bool | Tensor = False,
+    ) -> KKTStep:
+        """One constrained Gauss-Newton step (Eq. 6); returns the :class:`KKTStep`."""
+        group = self._group
+        result = kkt_step(
+            self._named_params(),
+            self._wrap(loss),
+            self._wrap(constraints),
+            eta=group["damping"],
+            method="gauss-newton",
+            residuals=self._wrap(residuals),
+            rtol=group["rtol"],
+            maxit=group["maxit"],
+            inequality=inequality,
+        )
+        return self._apply(result)

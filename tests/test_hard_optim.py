@@ -1,0 +1,276 @@
+"""Tests of the torch.optim-style shells in ccnn.hard.optim (HardSGD, HardAdam, HardGaussNewton)."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ccnn.hard.kkt import kkt_step
+from ccnn.hard.optim import HardAdam, HardGaussNewton, HardSGD
+
+F64 = torch.float64
+
+
+def randn(g: torch.Generator, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=g, dtype=F64)
+
+
+def mlp(seed: int) -> nn.Module:
+    """3→5→4 tanh MLP in float64 with parameters drawn from a seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4)).to(F64)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(randn(g, *p.shape))
+    return model
+
+
+def data(seed: int):
+    g = torch.Generator().manual_seed(100 + seed)
+    return randn(g, 6, 3), randn(g, 6, 4), randn(g, 3, 3)
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+# ---- the shells do what kkt_step does ----------------------------------------------------------
+
+
+def problem_fns(x, y, xc):
+    """loss(net), residuals(net), constraints(net) of the small MLP problem."""
+
+    def loss(net):
+        return F.mse_loss(net(x), y)
+
+    def residuals(net):
+        return net(x) - y
+
+    def constraints(net):
+        o = net(xc)
+        return torch.stack([o[:, 0] - o[:, 1], o.sum(1) - 1])
+
+    return loss, residuals, constraints
+
+
+def at_params(model: nn.Module, fn):
+    """``fn(net)`` as a function of a parameter dict, written independently of ccnn.hard.optim."""
+    return lambda p: fn(lambda *a: torch.func.functional_call(model, p, a))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("kind", ["sgd", "adam", "gauss-newton"])
+def test_step_applies_kkt_step_delta(kind: str, seed: int) -> None:
+    """Two steps each: the parameters move by kkt_step's delta at the same point (and Adam's
+    state carries over as kkt_step's state dict does)."""
+    model = mlp(seed)
+    loss, residuals, constraints = problem_fns(*data(seed))
+    L, R, C = (at_params(model, f) for f in (loss, residuals, constraints))
+    if kind == "sgd":
+        opt = HardSGD(model, lr=0.05, rtol=1e-10)
+    elif kind == "adam":
+        opt = HardAdam(model, lr=0.05, rtol=1e-10)
+    else:
+        opt = HardGaussNewton(model, damping=0.5, rtol=1e-10)
+    state: dict = {}
+    for _ in range(2):
+        params = snapshot(model)
+        if kind == "gauss-newton":
+            ref = kkt_step(params, None, C, eta=0.5, method=kind, residuals=R, rtol=1e-10)
+            result = opt.step(residuals, constraints)
+        else:
+            ref = kkt_step(params, L, C, eta=20.0, method=kind, state=state, rtol=1e-10)
+            result = opt.step(loss, constraints)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.detach(), params[name] + ref.delta[name], rtol=0, atol=0)
+            torch.testing.assert_close(result.delta[name], ref.delta[name], rtol=0, atol=0)
+        torch.testing.assert_close(result.multipliers, ref.multipliers, rtol=0, atol=0)
+        assert result.loss_value == ref.loss_value
+
+
+def test_hard_adam_without_constraints_is_torch_adam() -> None:
+    """bias_correction="adam", no constraints (None, an empty residual tensor, then C ≡ 0 with
+    J ≡ 0): the same iterates as torch.optim.Adam with the same lr, betas and eps, six steps."""
+    model = mlp(2)
+    twin = copy.deepcopy(model)
+    x, y, _ = data(2)
+    opt = HardAdam(model, lr=0.03, betas=(0.8, 0.99), eps=1e-6, bias_correction="adam")
+    adam = torch.optim.Adam(twin.parameters(), lr=0.03, betas=(0.8, 0.99), eps=1e-6)
+    no_rows = [None, None, lambda net: net(x)[:, :0], lambda net: net(x)[:, :0]]
+    zero_rows = [lambda net: 0.0 * net(x)[:, 0]] * 2  # 6 rows, C ≡ 0 and J ≡ 0
+    for i, constraints in enumerate(no_rows + zero_rows):
+        result = opt.step(lambda net: F.mse_loss(net(x), y), constraints)
+        adam.zero_grad()
+        F.mse_loss(twin(x), y).backward()
+        adam.step()
+        for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+        assert result.multipliers.numel() == (0 if i < 4 else 6)
+        assert not result.multipliers.any()
+    assert opt.state[model[0].weight]["step"] == 6
+
+
+def test_state_dict_round_trip_resumes_exactly() -> None:
+    """HardAdam (m, v, t per parameter) and HardSGD: state_dict → load_state_dict into a fresh
+    optimizer on a copied model; both continue with bit-identical parameters."""
+    loss, _, constraints = problem_fns(*data(3))
+    for make in (
+        lambda m: HardAdam(m, lr=0.02, betas=(0.85, 0.995), rtol=1e-10),
+        lambda m: HardSGD(m, lr=0.03, rtol=1e-10),
+    ):
+        model = mlp(3)
+        opt = make(model)
+        for _ in range(2):
+            opt.step(loss, constraints)
+        sd = opt.state_dict()
+        twin = copy.deepcopy(model)
+        opt2 = type(opt)(twin, lr=1.0)  # hyper-parameters come back from the state dict
+        opt2.load_state_dict(sd)
+        assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+        if isinstance(opt, HardAdam):
+            assert opt2.param_groups[0]["betas"] == (0.85, 0.995)
+            st = opt2.state[twin[0].weight]
+            assert st["step"] == 2
+            torch.testing.assert_close(
+                st["exp_avg"], opt.state[model[0].weight]["exp_avg"], rtol=0, atol=0
+            )
+        for _ in range(3):
+            opt.step(loss, constraints)
+            opt2.step(loss, constraints)
+        for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+            assert torch.equal(p, q)
+
+
+def test_toy_constrained_least_squares() -> None:
+    """A linear model 3→2 fit to 12 points (mean squared error) while its two outputs sum to 1
+    at 4 points (4 linear equality constraints on 8 parameters). The answer of
+    min ‖Mθ − y‖² s.t. Aθ = 1 comes from NumPy's dense KKT solve; HardSGD (60 steps) and
+    HardGaussNewton (5 steps) reach it and keep the constraints to 1e-8."""
+    g = torch.Generator().manual_seed(5)
+    x, y, xc = randn(g, 12, 3), randn(g, 12, 2), randn(g, 4, 3)
+    xn, xcn = x.numpy(), xc.numpy()
+    M = np.zeros((24, 8))  # θ = (W row-major, b); out[i, k] = W[k]·x[i] + b[k]
+    for i in range(12):
+        for k in range(2):
+            M[2 * i + k, 3 * k : 3 * k + 3], M[2 * i + k, 6 + k] = xn[i], 1.0
+    A = np.zeros((4, 8))
+    for j in range(4):
+        for k in range(2):
+            A[j, 3 * k : 3 * k + 3], A[j, 6 + k] = xcn[j], 1.0
+    K = np.block([[M.T @ M, A.T], [A, np.zeros((4, 4))]])
+    theta = np.linalg.solve(K, np.concatenate([M.T @ y.numpy().reshape(-1), np.ones(4)]))[:8]
+
+    def constraints(net):
+        return net(xc).sum(dim=1) - 1
+
+    for kind, steps in (("sgd", 60), ("gauss-newton", 5)):
+        model = nn.Linear(3, 2).to(F64)
+        if kind == "sgd":
+            opt = HardSGD(model, lr=1.2, rtol=1e-12)
+            for _ in range(steps):
+                result = opt.step(lambda net: F.mse_loss(net(x), y), constraints)
+        else:
+            opt = HardGaussNewton(model, damping=1e-6, rtol=1e-12)
+            for _ in range(steps):
+                result = opt.step(lambda net: net(x) - y, constraints)
+        got = torch.cat([model.weight.detach().reshape(-1), model.bias.detach()]).numpy()
+        np.testing.assert_allclose(got, theta, rtol=0, atol=1e-8)
+        assert float(constraints(model).detach().abs().max()) < 1e-8
+        assert float(result.constraint_values.abs().max()) < 1e-8
+
+
+def test_frozen_parameters_and_buffers() -> None:
+    """Only parameters that require grad move; buffers and frozen parameters are used as they
+    are (the frozen first bias stays, the buffer scales the input)."""
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 2).to(F64)
+            self.register_buffer("scale", torch.tensor([2.0, -1.0], dtype=F64))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x * self.scale)
+
+    model = Scaled()
+    model.lin.bias.requires_grad_(False)
+    bias = model.lin.bias.detach().clone()
+    xc = torch.tensor([[1.0, 1.0]], dtype=F64)
+    opt = HardSGD(model, lr=0.1, rtol=1e-12)
+    assert opt._names == ["lin.weight"]
+    result = opt.step(lambda net: net(xc).pow(2).sum(), lambda net: net(xc)[:, 0] - 3.0)
+    assert list(result.delta) == ["lin.weight"]
+    assert torch.equal(model.lin.bias, bias)
+    # linear in the weight: one step puts output 0 on the constraint, through the buffer
+    assert float(model(xc)[0, 0].detach()) == pytest.approx(3.0, abs=1e-12)
+
+
+def test_gauss_newton_reports_loss_and_inequalities_pass_through() -> None:
+    model = mlp(4)
+    x, y, xc = data(4)
+    loss, residuals, constraints = problem_fns(x, y, xc)
+    expected = float(loss(model).detach())
+    opt = HardGaussNewton(model, damping=1.0)
+    result = opt.step(residuals, constraints, loss=loss)
+    assert result.loss_value == pytest.approx(expected, rel=1e-14)
+    r = (model(x) - y).detach()
+    result = opt.step(residuals, lambda net: constraints(net) - 1e3, inequality=True)
+    assert result.loss_value == pytest.approx(0.5 * float(r.pow(2).sum()), rel=1e-14)
+    assert not result.active.any() and torch.equal(result.multipliers, torch.zeros(6, dtype=F64))
+
+
+def test_lr_scheduler_changes_eta() -> None:
+    """η = 1/lr is read at every step, so a scheduler's new lr is used."""
+    model = mlp(5)
+    loss, _, constraints = problem_fns(*data(5))
+    opt = HardSGD(model, lr=0.1, rtol=1e-10)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    opt.step(loss, constraints)
+    scheduler.step()
+    params = snapshot(model)
+    ref = kkt_step(
+        params, at_params(model, loss), at_params(model, constraints), eta=20.0, rtol=1e-10
+    )
+    result = opt.step(loss, constraints)
+    for name in params:
+        torch.testing.assert_close(result.delta[name], ref.delta[name], rtol=0, atol=0)
+
+
+def test_hyper_parameter_errors() -> None:
+    model = mlp(0)
+    with pytest.raises(ValueError, match="Invalid learning rate: 0"):
+        HardSGD(model, lr=0)
+    with pytest.raises(ValueError, match=re.escape("Invalid learning rate: -0.001")):
+        HardAdam(model, lr=-1e-3)
+    with pytest.raises(ValueError, match="Invalid learning rate: nan"):
+        HardSGD(model, lr=float("nan"))
+    with pytest.raises(ValueError, match=re.escape("Invalid beta parameter at index 1: 1.0")):
+        HardAdam(model, betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match=re.escape("Invalid beta parameter at index 0: -0.1")):
+        HardAdam(model, betas=(-0.1, 0.9))
+    with pytest.raises(ValueError, match="Invalid betas"):
+        HardAdam(model, betas=0.9)
+    with pytest.raises(ValueError, match=re.escape("Invalid epsilon value: 0.0")):
+        HardAdam(model, eps=0.0)
+    with pytest.raises(ValueError, match="Invalid bias_correction"):
+        HardAdam(model, bias_correction="kingma")
+    with pytest.raises(ValueError, match=re.escape("Invalid damping: 0.0")):
+        HardGaussNewton(model, damping=0.0)
+    with pytest.raises(ValueError, match="Invalid rtol"):
+        HardSGD(model, rtol=-1.0)
+    with pytest.raises(ValueError, match="Invalid maxit"):
+        HardGaussNewton(model, maxit=-3)
+    with pytest.raises(ValueError, match=re.escape("model must be a torch.nn.Module")):
+        HardSGD(list(model.parameters()))
+    frozen = nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="model has no parameters that require grad"):
+        HardSGD(frozen)
+    opt = HardSGD(model)
+    with pytest.raises(ValueError, match="one parameter group"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(1))]})
