@@ -7,6 +7,7 @@ Subcommands:
     evaluate  mIoU, per-class IoU and pixel accuracy of a checkpoint on a split.
     predict   colour PNG masks of a checkpoint's predictions for a folder of images.
     check     the P-step solvers against the CVXPY oracle on random small problems.
+    pose      soft, Lagrangian and hard symmetry constraints on a 3D pose network.
     hypersphere  hard vs soft constraints on 200 nearly equal hyperspheres (Márquez-Neila et al.).
 """
 
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pretrain(sub)
     _add_evaluate(sub)
     _add_predict(sub)
+    _add_pose(sub)
     _add_hypersphere(sub)
     return parser
 
@@ -177,6 +179,42 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("output", help="folder for the PNG masks (created)")
     _add_test_time_crf(p)
     p.add_argument("--device", default="cpu")
+
+
+def _add_pose(sub: argparse._SubParsersAction) -> None:
+    from ccnn.pose.experiment import METHODS, PoseConfig
+
+    d = PoseConfig()
+    p = sub.add_parser(
+        "pose", help="symmetry constraints on a 3D pose network, every method",
+        description="The experiment of Márquez-Neila, Salzmann and Fua (2017, §5): train the "
+                    "Eq. 13 network without constraints, then fine-tune it under the six "
+                    "left/right symmetry constraints by Soft-SGD, Soft-Adam, the Lagrangian, "
+                    "Hard-SGD, Hard-Adam, Hard-Gauss-Newton and the persistent-pool hard method; "
+                    "report mean joint error and constraint violation on the test split and "
+                    "draw Fig. 2a and 2b (about 9 minutes on two CPU cores).")
+    p.add_argument("--out", default="runs/pose", help="folder for the figure (default "
+                                                      "runs/pose)")
+    p.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"default {d.seed}")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default all)")
+    p.add_argument("--iterations", type=int, default=d.iterations,
+                   help=f"constrained iterations per method (default {d.iterations})")
+    p.add_argument("--pretrain-epochs", type=int, default=d.pretrain_epochs,
+                   help=f"unconstrained Adam epochs (default {d.pretrain_epochs})")
+    p.add_argument("--train-size", dest="n_train", type=int, default=d.n_train,
+                   help=f"default {d.n_train}")
+    p.add_argument("--val-size", dest="n_val", type=int, default=d.n_val,
+                   help=f"default {d.n_val}")
+    p.add_argument("--test-size", dest="n_test", type=int, default=d.n_test,
+                   help=f"default {d.n_test}")
+    p.add_argument("--pool-size", dest="n_pool", type=int, default=d.n_pool,
+                   help=f"unlabeled constraint images (default {d.n_pool})")
+    p.add_argument("--h36m", metavar="NPZ", help="Human3.6M crops and joints (images (N,128,"
+                   "128,3) uint8, joints (N,17,3)) instead of the synthetic data")
+    p.add_argument("--h36m-units", choices=("mm", "m"), default=d.h36m_units,
+                   help=f"units of the file's joints (default {d.h36m_units})")
+    _add_no_progress(p)
 
 
 def _add_hypersphere(sub: argparse._SubParsersAction) -> None:

@@ -1,0 +1,432 @@
+"""The pose-symmetry experiment: soft, Lagrangian and hard constraints on one network.
+
+Márquez-Neila, Salzmann and Fua, "Imposing Hard Constraints on Deep Networks: Promises and
+Limitations" (2017), §5: the network of Eq. 13 is first trained without constraints (Adam, the
+model with the lowest validation error kept), then fine-tuned from it under the six left/right
+symmetry constraints of Table 2 (Eq. 15, here with squared bone lengths) by every method:
+
+* ``soft-sgd``, ``soft-adam``: the penalty of Eq. 3, ``R + λ Σ C²``, by SGD or Adam;
+* ``lagrangian``: Adam on ``R + Σ Λ·C (+ ρ/2 Σ C²)`` with one multiplier per pool sample and
+  constraint, updated by dual ascent after each step;
+* ``hard-sgd``, ``hard-adam``, ``hard-gn``: the KKT steps of Eq. 5, 12 and 6;
+* ``hard-persistent``: the KKT step of Eq. 5 on a persistent pool of constraint samples (a
+  sample once mined stays until it has been met longest), the remedy the paper's conclusion
+  proposes for the forgetting of changing active sets.
+
+All but the persistent method take their constraints on samples mined by Eq. 9 from an unlabeled
+pool each iteration. Reported on the test split: the mean per-joint error, the median |C_jk| and
+the share of constraints met within thresholds (Fig. 2a and 2b).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ccnn.hard import (
+    DualAscent,
+    HardAdam,
+    HardGaussNewton,
+    HardSGD,
+    IndexedMultipliers,
+    MinedActive,
+    PersistentActive,
+    lagrangian,
+    soft_penalty,
+)
+from ccnn.hard.active import ActiveSet
+from ccnn.pose.data import H36MPoses, as_tensors, synthetic_pose_splits
+from ccnn.pose.model import PoseNet, pose_loss
+from ccnn.pose.skeleton import (
+    constraints_met,
+    mean_joint_error,
+    median_constraint_violation,
+    symmetry_residuals,
+)
+from ccnn.progress import ProgressBar
+
+__all__ = ["METHODS", "PoseConfig", "evaluate", "plot_fig2", "run_pose", "train_unconstrained"]
+
+log = logging.getLogger(__name__)
+
+METHODS = ("soft-sgd", "soft-adam", "lagrangian", "hard-sgd", "hard-adam", "hard-gn",
+           "hard-persistent")
+HARD = ("hard-sgd", "hard-adam", "hard-gn", "hard-persistent")
+
+#: thresholds on |C_jk| (m²) of the Fig. 2b curve
+THRESHOLDS = tuple(float(t) for t in torch.logspace(-5, -1, 25))
+
+
+@dataclass(frozen=True)
+class PoseConfig:
+    """Settings of ``ccnn pose``. Sizes and step counts fit 10 minutes on two CPU cores; the
+    constants were chosen on the validation split of seed 100 (docs/hard.md says how).
+
+    Attributes:
+        seed: world of the synthetic data, initial weights and every random draw.
+        n_train, n_val, n_test: labelled images per split (disjoint subjects).
+        n_pool: unlabeled constraint images (training subjects, new poses).
+        heldout: validation images whose median |C| is logged after every iteration.
+        batch_size: labelled samples per iteration (paper: 128).
+        mined: constraint samples per iteration, mined by Eq. 9 (paper: 16).
+        candidates: pool samples scored to mine them (paper: 128).
+        pretrain_epochs, pretrain_lr: the unconstrained model (Adam; best validation epoch).
+        iterations: constrained iterations per method, from the unconstrained model.
+        eval_every: test evaluations along the way (the lines of Fig. 2a).
+        soft_lambda: λ of Eq. 3 for soft-sgd and soft-adam.
+        lr: learning rate of each method (η = 1/lr for the hard SGD and Adam steps).
+        gn_damping: η of Eq. 6 (Levenberg-Marquardt damping).
+        dual_rho: dual-ascent step ρ of the Lagrangian (also its augmentation when
+            ``augmented``).
+        augmented: the Lagrangian adds (ρ/2)·Σ C².
+        budget, tol: the persistent pool's most samples and the median |C| that counts as met.
+        rtol, maxit: MINRES-QLP's tolerance and iteration limit in each KKT step.
+        gn_maxit: the iteration limit of Gauss-Newton's solves (each of its products runs
+            through the whole labelled batch).
+        distinct_sides: right limbs drawn darker, so left and right can be told apart
+            (docs/pose_data.md: with one colour a pose and its left/right, depth-mirrored twin
+            draw the same image).
+        image_size, hidden: input side and hidden width of the Eq. 13 network (128 and 1024 in
+            the paper; smaller only for quick tests).
+        h36m: an ``.npz`` of Human3.6M crops and joints (:class:`ccnn.pose.data.H36MPoses`)
+            to use instead of the synthetic data: its first 80% train (the last ``n_val`` of
+            them validate) and its last 20% test, the paper's split; the training images
+            also form the constraint pool. None: the synthetic data.
+        h36m_units: "mm" or "m", the units of that file's joints.
+    """
+
+    seed: int = 0
+    n_train: int = 3000
+    n_val: int = 300
+    n_test: int = 500
+    n_pool: int = 2000
+    heldout: int = 64
+    batch_size: int = 128
+    mined: int = 16
+    candidates: int = 128
+    pretrain_epochs: int = 6
+    pretrain_lr: float = 1e-3
+    iterations: int = 60
+    eval_every: int = 20
+    soft_lambda: float = 10.0
+    lr: dict[str, float] = field(default_factory=lambda: {
+        "soft-sgd": 1e-3, "soft-adam": 1e-4, "lagrangian": 1e-4, "hard-sgd": 1e-3,
+        "hard-adam": 1e-4, "hard-persistent": 1e-3})
+    gn_damping: float = 1.0
+    dual_rho: float = 10.0
+    augmented: bool = True
+    budget: int = 64
+    tol: float = 1e-4
+    rtol: float = 1e-4
+    maxit: int | None = 20
+    gn_maxit: int = 5
+    distinct_sides: bool = True
+    image_size: int = 128
+    hidden: int = 1024
+    h36m: str | None = None
+    h36m_units: str = "mm"
+    methods: tuple[str, ...] = METHODS
+
+    def __post_init__(self) -> None:
+        for name in ("n_train", "n_val", "n_test", "n_pool", "heldout", "batch_size", "mined",
+                     "candidates", "pretrain_epochs", "iterations", "eval_every", "budget",
+                     "gn_maxit", "image_size", "hidden"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.mined > self.candidates or self.candidates > self.n_pool:
+            raise ValueError(f"need mined <= candidates <= n_pool, got {self.mined}, "
+                             f"{self.candidates}, {self.n_pool}")
+        if self.budget < self.mined:
+            raise ValueError(f"budget ({self.budget}) must be at least mined ({self.mined})")
+        if self.heldout > self.n_val:
+            raise ValueError(f"heldout ({self.heldout}) cannot exceed n_val ({self.n_val})")
+        for name in ("pretrain_lr", "gn_damping", "dual_rho"):
+            _check_positive(name, getattr(self, name))
+        for name in ("soft_lambda", "tol", "rtol"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a non-negative number, got {value}")
+        for method, value in self.lr.items():
+            if method not in METHODS:
+                raise ValueError(f"lr: unknown method {method!r}")
+            _check_positive(f"lr[{method!r}]", value)
+        for method in self.methods:
+            if method not in METHODS:
+                raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: Tensor, batch: int = 256) -> Tensor:
+    """The model's poses for ``images``, in batches."""
+    return torch.cat([model(images[i:i + batch]) for i in range(0, len(images), batch)])
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, images: Tensor, joints: Tensor) -> dict:
+    """The paper's two metrics and the Fig. 2b curve on one split."""
+    pred = predict(model, images)
+    C = symmetry_residuals(pred)
+    return {"mean_joint_error": float(mean_joint_error(pred, joints)),
+            "median_violation": float(median_constraint_violation(C)),
+            "constraints_met": constraints_met(C, THRESHOLDS).tolist()}
+
+
+def train_unconstrained(model: nn.Module, data: dict[str, Tensor], cfg: PoseConfig,
+                        generator: torch.Generator, progress: bool = False) -> dict:
+    """Adam on Eq. 14 for ``cfg.pretrain_epochs``; the weights of the epoch with the lowest
+    validation error are loaded back into ``model`` (the paper's *unconstrained* model)."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.pretrain_lr)
+    n = len(data["train_x"])
+    steps = math.ceil(n / cfg.batch_size)
+    best, best_state, history = math.inf, None, []
+    for epoch in range(cfg.pretrain_epochs):
+        order = torch.randperm(n, generator=generator)
+        with ProgressBar(progress, steps, f"unconstrained {epoch + 1}/{cfg.pretrain_epochs}"
+                         ) as bar:
+            for i in range(steps):
+                idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+                loss = pose_loss(model(data["train_x"][idx]), data["train_y"][idx])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                bar({"loss": loss.item()})
+        val = evaluate(model, data["val_x"], data["val_y"])["mean_joint_error"]
+        history.append(val)
+        log.info("unconstrained epoch %d: validation error %.4f m", epoch + 1, val)
+        if val < best:
+            best, best_state = val, copy.deepcopy(model.state_dict())
+    model.load_state_dict(best_state)
+    return {"validation_error_per_epoch": history, "best_epoch": history.index(best) + 1}
+
+
+class _Method:
+    """One constrained method's optimizer state and its step, behind one call."""
+
+    def __init__(self, name: str, model: nn.Module, cfg: PoseConfig) -> None:
+        self.name, self.model, self.cfg = name, model, cfg
+        lr = cfg.lr.get(name)
+        self.multipliers = self.dual = None
+        if name == "soft-sgd":
+            self.optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+        elif name in ("soft-adam", "lagrangian"):
+            self.optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        elif name in ("hard-sgd", "hard-persistent"):
+            self.optimizer = HardSGD(model, lr=lr, rtol=cfg.rtol, maxit=cfg.maxit)
+        elif name == "hard-adam":
+            self.optimizer = HardAdam(model, lr=lr, rtol=cfg.rtol, maxit=cfg.maxit)
+        else:
+            self.optimizer = HardGaussNewton(model, damping=cfg.gn_damping, rtol=cfg.rtol,
+                                             maxit=cfg.gn_maxit)
+        if name == "lagrangian":
+            self.multipliers = IndexedMultipliers(cfg.n_pool, 6)
+            rho = cfg.dual_rho
+            self.dual = DualAscent(self.multipliers, rho=rho)
+
+    def step(self, x: Tensor, y: Tensor, xc: Tensor, idx: Tensor) -> dict:
+        """One iteration on the labelled batch (x, y) and constraint inputs xc (pool indices
+        idx); returns the statistics to log."""
+        cfg = self.cfg
+        if self.name in HARD:
+            def constraints(net: Callable) -> Tensor:
+                return symmetry_residuals(net(xc))
+
+            def loss(net: Callable) -> Tensor:
+                return pose_loss(net(x), y)
+
+            if self.name == "hard-gn":
+                scale = math.sqrt(2.0 / y.numel())  # ½‖r‖² = Eq. 14's mean squared error
+
+                def residuals(net: Callable) -> Tensor:
+                    return (net(x) - y).reshape(-1) * scale
+
+                result = self.optimizer.step(residuals, constraints, loss=loss)
+            else:
+                result = self.optimizer.step(loss, constraints)
+            C = result.constraint_values.reshape(-1, 6)
+            return {"loss": result.loss_value, "active_violation": float(C.abs().median()),
+                    "multiplier_norm": float(result.multipliers.norm()),
+                    "solver_iterations": result.info.iterations,
+                    "solver_flag": int(result.info.flag)}
+        R = pose_loss(self.model(x), y)
+        C = symmetry_residuals(self.model(xc))
+        stats = {"loss": R.item(), "active_violation": float(C.detach().abs().median())}
+        if self.name == "lagrangian":
+            objective = lagrangian(R, C, self.multipliers(idx),
+                                   rho_aug=cfg.dual_rho if cfg.augmented else 0.0)
+        else:
+            objective = R + cfg.soft_lambda * soft_penalty(C, 1.0)
+        self.optimizer.zero_grad()
+        objective.backward()
+        self.optimizer.step()
+        if self.dual is not None:
+            info = self.dual.step(idx, C.detach())
+            stats["multiplier_norm"] = info.multiplier_norm
+        return stats
+
+
+def _chooser(name: str, cfg: PoseConfig, generator: torch.Generator) -> ActiveSet:
+    if name == "hard-persistent":
+        return PersistentActive(cfg.n_pool, cfg.mined, cfg.budget, tol=cfg.tol,
+                                candidates=cfg.candidates, generator=generator)
+    return MinedActive(cfg.n_pool, cfg.mined, candidates=cfg.candidates, generator=generator)
+
+
+def run_method(name: str, start: nn.Module, data: dict[str, Tensor], cfg: PoseConfig,
+               progress: bool = False, split: str = "test") -> dict:
+    """Fine-tune a copy of ``start`` by method ``name`` for ``cfg.iterations`` iterations;
+    returns its JSON record, evaluated on ``split`` ("test" or "val")."""
+    model = copy.deepcopy(start)
+    generator = torch.Generator().manual_seed(cfg.seed + 1)
+    method, chooser = _Method(name, model, cfg), _chooser(name, cfg, generator)
+    pool, heldout = data["pool_x"], data["val_x"][:cfg.heldout]
+    eval_x, eval_y = data[f"{split}_x"], data[f"{split}_y"]
+    n = len(data["train_x"])
+    history, curve, seconds = [], [], 0.0
+    with ProgressBar(progress, cfg.iterations, name) as bar:
+        for it in range(cfg.iterations):
+            start_time = time.perf_counter()
+            batch = torch.randint(n, (cfg.batch_size,), generator=generator)
+            with torch.no_grad():
+                idx = chooser.select(lambda i: symmetry_residuals(model(pool[i])))
+            stats = method.step(data["train_x"][batch], data["train_y"][batch], pool[idx], idx)
+            seconds += time.perf_counter() - start_time
+            if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                raise RuntimeError(f"{name}: the weights became non-finite at iteration {it}")
+            with torch.no_grad():
+                stats["heldout_violation"] = float(
+                    symmetry_residuals(model(heldout)).abs().median())
+            stats["active"] = len(idx)
+            history.append(stats)
+            if (it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iterations:
+                point = evaluate(model, eval_x, eval_y)
+                curve.append({"iteration": it + 1, "mean_joint_error": point["mean_joint_error"],
+                              "median_violation": point["median_violation"]})
+            bar({k: v for k, v in stats.items() if k in ("loss", "heldout_violation")})
+    final = evaluate(model, eval_x, eval_y)
+    log.info("%s: error %.4f m, median |C| %.3g, %.3f s/iteration", name,
+             final["mean_joint_error"], final["median_violation"], seconds / cfg.iterations)
+    return {**final, "seconds_per_iter": seconds / cfg.iterations,
+            "median_violation_per_iter": [h["heldout_violation"] for h in history],
+            "curve": curve, "history": history}
+
+
+def load_data(cfg: PoseConfig) -> dict[str, Tensor]:
+    """The splits as whole tensors: the synthetic ones of ``cfg.seed``, or ``cfg.h36m``'s."""
+    if cfg.h36m is not None:
+        return _h36m_splits(cfg)
+    splits = synthetic_pose_splits(cfg.seed, cfg.n_train, cfg.n_val, cfg.n_test, cfg.n_pool,
+                                   image_size=cfg.image_size,
+                                   distinct_sides=cfg.distinct_sides)
+    data = {}
+    for name in ("train", "val", "test"):
+        data[f"{name}_x"], data[f"{name}_y"] = as_tensors(getattr(splits, name))
+    data["pool_x"] = splits.constraint.tensors()
+    return data
+
+
+def _h36m_splits(cfg: PoseConfig) -> dict[str, Tensor]:
+    """The paper's 80/20 split of a Human3.6M file (validation: the end of the 80%)."""
+    images, joints = H36MPoses(cfg.h36m, units=cfg.h36m_units,
+                               image_size=cfg.image_size).tensors()
+    n_fit = int(0.8 * len(images))
+    n_train = n_fit - cfg.n_val
+    if n_train < cfg.batch_size or cfg.n_pool > n_train:
+        raise ValueError(f"{cfg.h36m}: {len(images)} samples leave {n_train} for training; "
+                         f"need at least batch_size={cfg.batch_size} and n_pool={cfg.n_pool}")
+    return {"train_x": images[:n_train], "train_y": joints[:n_train],
+            "val_x": images[n_train:n_fit], "val_y": joints[n_train:n_fit],
+            "test_x": images[n_fit:], "test_y": joints[n_fit:],
+            "pool_x": images[:cfg.n_pool]}
+
+
+def run_pose(cfg: PoseConfig, out: Path | None = None, progress: bool = False,
+             split: str = "test", start: nn.Module | None = None) -> dict:
+    """The whole experiment: the unconstrained model, then every method of ``cfg.methods``
+    from it; returns ``{"methods": {...}, "config": {...}}`` and, with ``out``, draws Fig. 2a
+    and 2b there. ``split="val"`` evaluates on the validation split (for choosing settings);
+    ``start`` reuses an unconstrained model instead of training one."""
+    if split not in ("test", "val"):
+        raise ValueError(f"split must be 'test' or 'val', got {split!r}")
+    t0 = time.perf_counter()
+    data = load_data(cfg)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    if start is None:
+        with torch.random.fork_rng():  # seeded initial weights; the caller's RNG is restored
+            torch.manual_seed(cfg.seed)
+            start = PoseNet(hidden=cfg.hidden, image_size=cfg.image_size)
+        pretraining = train_unconstrained(start, data, cfg, generator, progress)
+    else:
+        pretraining = {}
+    records = {"unconstrained": {**evaluate(start, data[f"{split}_x"], data[f"{split}_y"]),
+                                 **pretraining}}
+    for name in cfg.methods:
+        records[name] = run_method(name, start, data, cfg, progress, split)
+    result = {"methods": records, "split": split, "config": _config_json(cfg),
+              "thresholds": list(THRESHOLDS), "seconds": time.perf_counter() - t0}
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        plot_fig2(records, out / "fig2_pose.png")
+    return result
+
+
+def _config_json(cfg: PoseConfig) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
+
+
+def with_overrides(cfg: PoseConfig, **changes: object) -> PoseConfig:
+    """``cfg`` with some fields changed (``lr`` entries merged, not replaced)."""
+    if "lr" in changes:
+        changes["lr"] = {**cfg.lr, **changes["lr"]}  # type: ignore[dict-item]
+    return replace(cfg, **changes)
+
+
+def plot_fig2(records: dict[str, dict], path: Path) -> None:
+    """Fig. 2: (a) mean joint error against median |C| along each method's training, the
+    unconstrained model as the large dot; (b) share of constraints met against the threshold.
+    Solid lines: hard methods; dashed: soft and Lagrangian."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 4.8))
+    ax_a, ax_b = fig.subplots(1, 2)
+    base = records["unconstrained"]
+    ax_a.plot(base["median_violation"], 1000 * base["mean_joint_error"], "o", ms=12,
+              color="tab:blue", label="unconstrained", zorder=3)
+    ax_b.plot(THRESHOLDS, base["constraints_met"], color="tab:blue", lw=2.5,
+              label="unconstrained")
+    for name, record in records.items():
+        if name == "unconstrained":
+            continue
+        style = "-" if name in HARD else "--"
+        points = [(base["median_violation"], base["mean_joint_error"])] + [
+            (p["median_violation"], p["mean_joint_error"]) for p in record["curve"]]
+        xs, ys = zip(*points, strict=True)
+        (line,) = ax_a.plot(xs, [1000 * y for y in ys], style, marker=".", label=name)
+        ax_b.plot(THRESHOLDS, record["constraints_met"], style, color=line.get_color(),
+                  label=name)
+    ax_a.set_xscale("log")
+    ax_a.set_xlabel("median |C| on the test set (m²)")
+    ax_a.set_ylabel("mean joint error (mm)")
+    ax_a.set_title("(a) error against constraint violation")
+    ax_b.set_xscale("log")
+    ax_b.set_xlabel("threshold on |C| (m²)")
+    ax_b.set_ylabel("share of constraints met")
+    ax_b.set_title("(b) constraints met")
+    for ax in (ax_a, ax_b):
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

@@ -1,0 +1,170 @@
+"""``ccnn pose`` at toy sizes: every method runs, the metrics are the paper's, the JSON has the
+issue's shape, and runs repeat exactly."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ccnn.cli import main
+from ccnn.pose.experiment import (
+    METHODS,
+    THRESHOLDS,
+    PoseConfig,
+    _Method,
+    evaluate,
+    load_data,
+    run_pose,
+    train_unconstrained,
+)
+from ccnn.pose.model import PoseNet
+from ccnn.pose.skeleton import symmetry_residuals
+
+TINY = {"n_train": 48, "n_val": 16, "n_test": 16, "n_pool": 48, "heldout": 8, "batch_size": 16,
+        "mined": 4, "candidates": 16, "budget": 8, "pretrain_epochs": 2, "iterations": 3,
+        "eval_every": 2, "image_size": 32, "hidden": 32, "gn_maxit": 3}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, object]:
+    out = tmp_path_factory.mktemp("pose")
+    return run_pose(PoseConfig(**TINY), out=out), out
+
+
+def test_every_method_reports_the_issue_shape(tiny_run: tuple[dict, object]) -> None:
+    result, out = tiny_run
+    assert set(result["methods"]) == {"unconstrained", *METHODS}
+    for name in METHODS:
+        record = result["methods"][name]
+        assert len(record["median_violation_per_iter"]) == TINY["iterations"]
+        assert [p["iteration"] for p in record["curve"]] == [2, 3]
+        assert record["curve"][-1]["mean_joint_error"] == record["mean_joint_error"]
+        assert record["seconds_per_iter"] > 0
+        assert len(record["constraints_met"]) == len(THRESHOLDS)
+        assert np.all(np.diff(record["constraints_met"]) >= 0)  # a CDF in the threshold
+    hard = result["methods"]["hard-sgd"]["history"][0]
+    assert {"loss", "active_violation", "heldout_violation", "multiplier_norm",
+            "solver_iterations", "solver_flag"} <= set(hard)
+    assert "multiplier_norm" in result["methods"]["lagrangian"]["history"][0]
+    assert result["split"] == "test"
+    with (out / "fig2_pose.png").open("rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_runs_repeat_exactly() -> None:
+    cfg = PoseConfig(**{**TINY, "methods": ("soft-adam", "hard-sgd", "hard-persistent")})
+    a, b = run_pose(cfg)["methods"], run_pose(cfg)["methods"]
+    for name in a:
+        assert a[name]["mean_joint_error"] == b[name]["mean_joint_error"]
+        assert a[name]["median_violation"] == b[name]["median_violation"]
+
+
+def test_evaluate_matches_a_numpy_computation() -> None:
+    cfg = PoseConfig(**TINY)
+    data = load_data(cfg)
+    torch.manual_seed(0)
+    model = PoseNet(hidden=cfg.hidden, image_size=cfg.image_size)
+    got = evaluate(model, data["test_x"], data["test_y"])
+    with torch.no_grad():
+        pred = model(data["test_x"]).numpy().reshape(-1, 17, 3)
+    true = data["test_y"].numpy().reshape(-1, 17, 3)
+    error = np.linalg.norm(pred - true, axis=2).mean()
+    assert got["mean_joint_error"] == pytest.approx(error, rel=1e-5)
+    pairs = [(11, 12, 14, 15), (12, 13, 15, 16), (4, 5, 1, 2), (5, 6, 2, 3), (8, 11, 8, 14),
+             (0, 4, 0, 1)]  # Table 2 (left, right) by joint index
+
+    def sq(a: int, b: int) -> np.ndarray:
+        return ((pred[:, a] - pred[:, b]) ** 2).sum(1)
+
+    C = np.stack([sq(a, b) - sq(c, d) for a, b, c, d in pairs], axis=1)
+    assert got["median_violation"] == pytest.approx(np.median(np.abs(C)), rel=1e-5)
+    assert got["constraints_met"][-1] == pytest.approx((np.abs(C) <= THRESHOLDS[-1]).mean())
+
+
+def test_unconstrained_model_is_the_best_validation_epoch() -> None:
+    cfg = PoseConfig(**{**TINY, "pretrain_epochs": 3})
+    data = load_data(cfg)
+    torch.manual_seed(0)
+    model = PoseNet(hidden=cfg.hidden, image_size=cfg.image_size)
+    history = train_unconstrained(model, data, cfg, torch.Generator().manual_seed(0))
+    errors = history["validation_error_per_epoch"]
+    assert len(errors) == 3
+    assert history["best_epoch"] == int(np.argmin(errors)) + 1
+    assert evaluate(model, data["val_x"], data["val_y"])["mean_joint_error"] == min(errors)
+
+
+@pytest.mark.parametrize("name", ["hard-sgd", "hard-adam", "hard-gn"])
+def test_a_hard_step_meets_its_linearized_constraints(name: str) -> None:
+    """On the real network: after one KKT step the mined samples' linearized residuals
+    ``C(w) + J·dw`` vanish (J·dw by forward-mode AD, independent of the solver's products)."""
+    cfg = PoseConfig(**{**TINY, "rtol": 1e-12, "maxit": 500, "gn_maxit": 500,
+                        "lr": {"hard-sgd": 1e-3, "hard-adam": 1e-3}})
+    data = load_data(cfg)
+    torch.manual_seed(1)
+    model = PoseNet(hidden=cfg.hidden, image_size=cfg.image_size).double()
+    x, y = data["train_x"][:16].double(), data["train_y"][:16].double()
+    xc = data["pool_x"][:4].double()
+    w = {k: v.detach().clone() for k, v in model.named_parameters()}
+
+    def residuals(params: dict) -> torch.Tensor:
+        return symmetry_residuals(torch.func.functional_call(model, params, (xc,)))
+
+    C = residuals(w)
+    _Method(name, model, cfg).step(x, y, xc, torch.arange(4))
+    dw = {k: v.detach() - w[k] for k, v in model.named_parameters()}
+    _, J_dw = torch.func.jvp(residuals, (w,), (dw,))
+    assert float((C + J_dw).norm()) < 1e-6 * float(C.norm())
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"iterations": 0}, "iterations must be a positive integer"),
+    ({"mined": 40, "candidates": 16}, "need mined <= candidates <= n_pool"),
+    ({"budget": 2}, "budget .* must be at least mined"),
+    ({"heldout": 99}, "heldout .* cannot exceed n_val"),
+    ({"lr": {"hard-foo": 1.0}}, "lr: unknown method 'hard-foo'"),
+    ({"lr": {"hard-sgd": -1.0}}, "must be a positive number"),
+    ({"methods": ("soft-adam", "nope")}, "unknown method 'nope'"),
+    ({"soft_lambda": float("nan")}, "soft_lambda must be a non-negative number"),
+])
+def test_bad_settings_are_refused(changes: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        PoseConfig(**{**TINY, **changes})
+
+
+def test_h36m_file_is_split_as_the_paper(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    n = 60
+    path = tmp_path / "h36m.npz"
+    np.savez(path, images=rng.integers(0, 255, (n, 32, 32, 3), dtype=np.uint8),
+             joints=rng.normal(0, 300, (n, 17, 3)))
+    cfg = PoseConfig(**{**TINY, "h36m": str(path), "n_val": 8, "n_pool": 16, "heldout": 4})
+    data = load_data(cfg)
+    assert (len(data["train_x"]), len(data["val_x"]), len(data["test_x"])) == (40, 8, 12)
+    assert torch.equal(data["pool_x"], data["train_x"][:16])
+    assert float(data["test_y"].reshape(-1, 17, 3)[:, 0].abs().max()) == 0.0  # root-centred
+    too_big = PoseConfig(**{**TINY, "h36m": str(path), "n_val": 8, "n_pool": 45, "heldout": 4,
+                            "candidates": 16})
+    with pytest.raises(ValueError, match=r"h36m\.npz: 60 samples leave 40 for training"):
+        load_data(too_big)
+
+
+def test_cli_writes_json(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    out_json = tmp_path / "pose.json"
+    code = main(["pose", "--out", str(tmp_path / "run"), "--json", str(out_json),
+                 "--methods", "soft-adam,hard-sgd", "--iterations", "2", "--pretrain-epochs", "1",
+                 "--train-size", "128", "--val-size", "64", "--test-size", "8",
+                 "--pool-size", "128", "--no-progress"])
+    assert code == 0
+    result = json.loads(out_json.read_text())
+    assert set(result["methods"]) == {"unconstrained", "soft-adam", "hard-sgd"}
+    assert len(result["methods"]["hard-sgd"]["median_violation_per_iter"]) == 2
+    assert "hard-sgd" in capsys.readouterr().out
+
+
+def test_cli_refuses_bad_options(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    code = main(["pose", "--iterations", "0", "--out", str(tmp_path)])
+    assert code == 2
+    assert "iterations must be a positive integer" in capsys.readouterr().err
