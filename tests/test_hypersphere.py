@@ -142,3 +142,21 @@ def test_unknown_method_is_refused() -> None:
 def test_hyperspheres_rejects_a_vector_of_centres() -> None:
     with pytest.raises(ValueError, match="centers must be"):
         Hyperspheres(torch.zeros(5), 1.0)
+
+
+def test_cli_writes_json_and_figures(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    from ccnn.cli import main
+
+    out_json = tmp_path / "hs.json"
+    code = main(["hypersphere", "--dim", "30", "--spheres", "10", "--active", "3", "--budget",
+                 "6", "--iterations", "5", "--out", str(tmp_path / "figs"), "--json",
+                 str(out_json), "--no-progress"])
+    assert code == 0
+    result = json.loads(out_json.read_text())
+    assert len(result["methods"]["hard-persistent"]["median_violation_per_iter"]) == 5
+    assert (tmp_path / "figs" / "fig4_hypersphere.png").is_file()
+    assert "hard-sgd" in capsys.readouterr().out
+    assert main(["hypersphere", "--iterations", "0", "--out", str(tmp_path)]) == 2
+    assert "iterations must be at least 1" in capsys.readouterr().err

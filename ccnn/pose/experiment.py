@@ -311,6 +311,7 @@ def run_method(name: str, start: nn.Module, data: dict[str, Tensor], cfg: PoseCo
                     symmetry_residuals(model(heldout)).abs().median())
             stats["active"] = len(idx)
             history.append(stats)
+            log.debug("%s iteration %d: %s", name, it + 1, stats)
             if (it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iterations:
                 point = evaluate(model, eval_x, eval_y)
                 curve.append({"iteration": it + 1, "mean_joint_error": point["mean_joint_error"],
