@@ -110,7 +110,8 @@ def test_a_hard_step_meets_its_linearized_constraints(name: str) -> None:
     w = {k: v.detach().clone() for k, v in model.named_parameters()}
 
     def residuals(params: dict) -> torch.Tensor:
-        return symmetry_residuals(torch.func.functional_call(model, params, (xc,)))
+        return symmetry_residuals(torch.func.functional_call(model, params, (xc,)),
+                                  relative=cfg.relative)
 
     C = residuals(w)
     _Method(name, model, cfg).step(x, y, xc, torch.arange(4))

@@ -120,7 +120,7 @@ def bone_lengths(y: Tensor) -> Tensor:
     return torch.linalg.vector_norm(J[:, child] - J[:, parent], dim=-1)
 
 
-def symmetry_residuals(y: Tensor, squared: bool = True) -> Tensor:
+def symmetry_residuals(y: Tensor, squared: bool = True, relative: bool = False) -> Tensor:
     """The six left/right symmetry constraints ``C_jk`` for each pose: ``(K, 6)``.
 
     With ``squared=False`` this is Eq. 15 of Márquez-Neila, Salzmann and Fua, "Imposing Hard
@@ -130,11 +130,19 @@ def symmetry_residuals(y: Tensor, squared: bool = True) -> Tensor:
     ``||y_{k,a} - y_{k,b}||² - ||y_{k,c} - y_{k,d}||²``: the same zero set (lengths are
     non-negative), but a polynomial, so smooth even where a bone has zero length.
 
+    ``relative=True`` divides the squared form by the sum of the two squared lengths,
+    ``(‖l‖² − ‖r‖²) / (‖l‖² + ‖r‖²)``: the same zero set for bones of non-zero length, but
+    invariant to the scale of the pose. The squared and length forms are homogeneous (scaling a
+    pose by ``s`` scales them by ``s²`` or ``s``), so their linearization is zeroed for every
+    sample at once by shrinking the pose: a constrained step then trades accuracy for a smaller
+    skeleton, which the relative form cannot reward.
+
     Differentiable (autograd and ``torch.func``), batched, keeps ``y``'s dtype and device.
 
     Args:
         y: poses ``(K, 51)`` or ``(K, 17, 3)``.
         squared: difference of squared bone lengths (default) or of the lengths themselves.
+        relative: the scale-invariant form above (``squared`` is then ignored).
 
     Raises:
         ValueError: if ``y`` has another shape.
@@ -143,6 +151,9 @@ def symmetry_residuals(y: Tensor, squared: bool = True) -> Tensor:
     idx = SYMMETRY_PAIRS.to(J.device)
     left = J[:, idx[:, 0]] - J[:, idx[:, 1]]    # (K, 6, 3)
     right = J[:, idx[:, 2]] - J[:, idx[:, 3]]
+    if relative:
+        l2, r2 = (left * left).sum(-1), (right * right).sum(-1)
+        return (l2 - r2) / (l2 + r2).clamp_min(torch.finfo(J.dtype).tiny)
     if squared:
         return (left * left).sum(-1) - (right * right).sum(-1)
     return torch.linalg.vector_norm(left, dim=-1) - torch.linalg.vector_norm(right, dim=-1)
