@@ -113,6 +113,23 @@ def test_symmetry_residuals_jacobian_matches_formula():
     torch.testing.assert_close(jac, expected.reshape(6, 51))
 
 
+def test_relative_symmetry_residuals_are_scale_invariant():
+    """(‖l‖² − ‖r‖²)/(‖l‖² + ‖r‖²): zero on a symmetric skeleton, the hand value on a lengthened
+    arm, and unchanged when the whole pose is scaled (Eq. 15's squared form scales by s²)."""
+    y = hand_skeleton()
+    assert torch.equal(symmetry_residuals(y, relative=True), torch.zeros(1, 6,
+                                                                        dtype=torch.float64))
+    Y = y.reshape(17, 3).clone()
+    Y[J["left_elbow"]] = Y[J["left_shoulder"]] + 1.5 * (Y[J["left_elbow"]] - Y[J["left_shoulder"]])
+    l2 = float((Y[J["left_shoulder"]] - Y[J["left_elbow"]]).square().sum())
+    r2 = float((Y[J["right_shoulder"]] - Y[J["right_elbow"]]).square().sum())
+    C = symmetry_residuals(Y[None], relative=True)
+    assert float(C[0, 0]) == pytest.approx((l2 - r2) / (l2 + r2), rel=1e-12)
+    torch.testing.assert_close(symmetry_residuals(3.7 * Y[None], relative=True), C)
+    torch.testing.assert_close(symmetry_residuals(3.7 * Y[None]),
+                               3.7**2 * symmetry_residuals(Y[None]))
+
+
 @pytest.mark.parametrize("shape", [(51,), (4, 50), (4, 17, 2), (4, 16, 3), (2, 2, 17, 3)])
 def test_symmetry_residuals_rejects_shapes(shape):
     with pytest.raises(ValueError, match=re.escape(f"got {shape}")):
