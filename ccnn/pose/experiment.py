@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from ccnn.hard import (
     DualAscent,
+    Flag,
     HardAdam,
     HardGaussNewton,
     HardSGD,
@@ -326,7 +327,12 @@ def run_method(name: str, start: nn.Module, data: dict[str, Tensor], cfg: PoseCo
     final = evaluate(model, eval_x, eval_y)
     log.info("%s: error %.4f m, median |C| %.3g, %.3f s/iteration", name,
              final["mean_joint_error"], final["median_violation"], seconds / cfg.iterations)
-    return {**final, "seconds_per_iter": seconds / cfg.iterations,
+    solver = {}
+    if name in HARD:  # a solve stopped by maxit is truncated (still finite, not exact)
+        flags = [h["solver_flag"] for h in history]
+        solver = {"solver_iterations_mean": sum(h["solver_iterations"] for h in history)
+                  / len(history), "solves_stopped_by_maxit": flags.count(int(Flag.MAXIT))}
+    return {**final, **solver, "seconds_per_iter": seconds / cfg.iterations,
             "median_violation_per_iter": [h["heldout_violation"] for h in history],
             "curve": curve, "history": history}
 
@@ -405,7 +411,8 @@ def with_overrides(cfg: PoseConfig, **changes: object) -> PoseConfig:
 def plot_fig2(records: dict[str, dict], path: Path) -> None:
     """Fig. 2: (a) mean joint error against median |C| along each method's training, the
     unconstrained model as the large dot; (b) share of constraints met against the threshold.
-    Solid lines: hard methods; dashed: soft and Lagrangian."""
+    Solid lines: hard methods; dashed: soft and Lagrangian. A method whose error ended above five
+    times the unconstrained model's is left out of (a) and marked diverged."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(12, 4.8))
@@ -419,6 +426,9 @@ def plot_fig2(records: dict[str, dict], path: Path) -> None:
         if name == "unconstrained":
             continue
         style = "-" if name in HARD else "--"
+        if not record["mean_joint_error"] <= 5 * base["mean_joint_error"]:
+            ax_b.plot(THRESHOLDS, record["constraints_met"], style, label=f"{name} (diverged)")
+            continue
         points = [(base["median_violation"], base["mean_joint_error"])] + [
             (p["median_violation"], p["mean_joint_error"]) for p in record["curve"]]
         xs, ys = zip(*points, strict=True)
