@@ -192,7 +192,8 @@ def _add_pose(sub: argparse._SubParsersAction) -> None:
                     "left/right symmetry constraints by Soft-SGD, Soft-Adam, the Lagrangian, "
                     "Hard-SGD, Hard-Adam, Hard-Gauss-Newton and the persistent-pool hard method; "
                     "report mean joint error and constraint violation on the test split and "
-                    "draw Fig. 2a and 2b (about 9 minutes on two CPU cores).")
+                    "draw Fig. 2a and 2b (docs/hard_experiments.md: 33 minutes on two busy CPU "
+                    "cores).")
     p.add_argument("--out", default="runs/pose", help="folder for the figure (default "
                                                       "runs/pose)")
     p.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")

@@ -82,6 +82,15 @@ class _HardOptimizer(torch.optim.Optimizer):
         model = self._model
         return lambda params: fn(partial(_call_model, model, params))
 
+    def _solve(self, loss: Callable[[Net], Tensor] | None,
+               constraints: Callable[[Net], Tensor] | None, inequality: bool | Tensor,
+               **options: Any) -> KKTStep:
+        """:func:`kkt_step` at the current parameters with this group's ``rtol`` and ``maxit``."""
+        group = self._group
+        return kkt_step(self._named_params(), self._wrap(loss), self._wrap(constraints),
+                        rtol=group["rtol"], maxit=group["maxit"], inequality=inequality,
+                        **options)
+
     def _apply(self, result: KKTStep) -> KKTStep:
         """Add ``dw`` to the parameters in place."""
         with torch.no_grad():
@@ -153,17 +162,8 @@ class HardSGD(_HardOptimizer):
         inequality: bool | Tensor = False,
     ) -> KKTStep:
         """One KKT step (Eq. 5); returns the :class:`~ccnn.hard.kkt.KKTStep`."""
-        group = self._group
-        result = kkt_step(
-            self._named_params(),
-            self._wrap(loss),
-            self._wrap(constraints),
-            eta=1.0 / group["lr"],
-            method="sgd",
-            rtol=group["rtol"],
-            maxit=group["maxit"],
-            inequality=inequality,
-        )
+        result = self._solve(loss, constraints, inequality, eta=1.0 / self._group["lr"],
+                             method="sgd")
         return self._apply(result)
 
 
@@ -272,20 +272,9 @@ class HardAdam(_HardOptimizer):
         """One constrained Adam step (Eq. 10-12); returns the :class:`~ccnn.hard.kkt.KKTStep`."""
         group = self._group
         state = self._kkt_state()
-        result = kkt_step(
-            self._named_params(),
-            self._wrap(loss),
-            self._wrap(constraints),
-            eta=1.0 / group["lr"],
-            method="adam",
-            state=state,
-            rtol=group["rtol"],
-            maxit=group["maxit"],
-            inequality=inequality,
-            betas=group["betas"],
-            eps=group["eps"],
-            bias_correction=group["bias_correction"],
-        )
+        result = self._solve(loss, constraints, inequality, eta=1.0 / group["lr"],
+                             method="adam", state=state, betas=group["betas"],
+                             eps=group["eps"], bias_correction=group["bias_correction"])
         for name, p in self._named_params().items():
             self.state[p] = {
                 "step": state["t"],
@@ -359,16 +348,6 @@ class HardGaussNewton(_HardOptimizer):
         inequality: bool | Tensor = False,
     ) -> KKTStep:
         """One constrained Gauss-Newton step (Eq. 6); returns the :class:`KKTStep`."""
-        group = self._group
-        result = kkt_step(
-            self._named_params(),
-            self._wrap(loss),
-            self._wrap(constraints),
-            eta=group["damping"],
-            method="gauss-newton",
-            residuals=self._wrap(residuals),
-            rtol=group["rtol"],
-            maxit=group["maxit"],
-            inequality=inequality,
-        )
+        result = self._solve(loss, constraints, inequality, eta=self._group["damping"],
+                             method="gauss-newton", residuals=self._wrap(residuals))
         return self._apply(result)

@@ -334,7 +334,25 @@ def _to_float(images: Tensor) -> Tensor:
     return images.to(torch.float32, memory_format=torch.contiguous_format).div_(255)
 
 
-class SyntheticPoses(Dataset):
+class _PoseTensors(Dataset):
+    """Poses held as whole tensors: ``images`` ``(N, 3, H, W)`` uint8 and ``joints`` ``(N, 51)``
+    float32 in metres; items are ``(image float32 in [0, 1], joints)``."""
+
+    images: Tensor
+    joints: Tensor
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return _to_float(self.images[index]), self.joints[index]
+
+    def tensors(self) -> tuple[Tensor, Tensor]:
+        """All images ``(N, 3, H, W)`` float32 in [0, 1] and joints ``(N, 51)`` float32."""
+        return _to_float(self.images), self.joints
+
+
+class SyntheticPoses(_PoseTensors):
     """Synthetic 3D pose estimation: ``(image, y)`` with image ``(3, H, W)`` float32 in [0, 1]
     and ``y`` ``(51,)`` float32 the camera-frame, root-centred 3D joints in metres.
 
@@ -408,18 +426,9 @@ class SyntheticPoses(Dataset):
             self.lengths[sl] = lengths.to(torch.float32)
         logger.debug("generated %d synthetic poses (seed %d, stream %r)", n, seed, stream)
 
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        return _to_float(self.images[index]), self.joints[index]
-
-    def tensors(self) -> tuple[Tensor, Tensor]:
-        """All images ``(n, 3, H, W)`` float32 in [0, 1] and joints ``(n, 51)`` float32."""
-        return _to_float(self.images), self.joints
 
 
-class H36MPoses(Dataset):
+class H36MPoses(_PoseTensors):
     """User-supplied Human3.6M crops: an ``.npz`` with ``images`` ``(N, 128, 128, 3)`` uint8 and
     ``joints`` ``(N, 17, 3)`` (standard 17-joint order, camera frame).
 
@@ -467,15 +476,6 @@ class H36MPoses(Dataset):
         self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
         self.joints = torch.from_numpy(joints.reshape(len(joints), -1)).to(torch.float32)
 
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        return _to_float(self.images[index]), self.joints[index]
-
-    def tensors(self) -> tuple[Tensor, Tensor]:
-        """All images ``(N, 3, 128, 128)`` float32 in [0, 1] and joints ``(N, 51)`` float32."""
-        return _to_float(self.images), self.joints
 
 
 class InputsOnly(Dataset):
