@@ -99,6 +99,10 @@ def _unflatten(vec: Tensor, like: Params) -> Params:
 # ---- R-op and L-op ----------------------------------------------------------------------------
 
 
+class _AdjointMismatchError(Exception):
+    """Raised inside a solve when the transposed L-op fails its deferred adjoint test."""
+
+
 class _Linearized:
     """A vector function ``f`` of the parameters linearized at ``w``, for matrix-free products.
 
@@ -110,6 +114,10 @@ class _Linearized:
     backward has no derivative of its own it falls back to ``torch.func.jvp``. Both take and
     return flat vectors. With ``index`` only those rows of ``f`` are kept (the active
     constraints): ``rop`` returns them and ``lop`` takes a vector of their length.
+
+    :meth:`gram` gives ``J·W·Jᵀ·u`` for a positive diagonal ``W`` (the reduced KKT matrix)
+    without flattening the parameter-sized vectors, and runs the transposed L-op's adjoint test
+    on its own first product instead of on two extra ones.
     """
 
     def __init__(self, fn: Callable[[Params], Tensor], params: Params, name: str) -> None:
@@ -125,6 +133,8 @@ class _Linearized:
         self.index: Tensor | None = None
         self._transposed: Callable | None = None
         self._use_jvp = False
+        self._unchecked = False  # the transposed L-op is in use but not yet adjoint-tested
+        self._last_lops: list[tuple[Tensor, Params]] = []  # (u, Jᵀu) of the last gram products
 
     def restrict(self, index: Tensor) -> None:
         """Keep only the rows ``index`` of ``f`` (the index is fixed from now on)."""
@@ -135,15 +145,24 @@ class _Linearized:
         """Number of rows kept."""
         return self.value.numel() if self.index is None else self.index.numel()
 
-    def _transpose(self) -> Callable | None:
+    def _adjoint_ok(self, got: float, expected: float) -> bool:
+        """``got`` equals ``expected`` to ``10·√eps`` relative (the adjoint test)."""
+        tol = 10 * math.sqrt(torch.finfo(self.value.dtype).eps)
+        return abs(got - expected) <= tol * max(abs(expected), abs(got))
+
+    def _transpose(self, check: bool = True) -> Callable | None:
         """The R-op as the vjp of ``u ↦ lop(u)``, or None where that is not ``J``.
 
         A backward without derivatives of its own (an autograd Function marked
         ``once_differentiable``) can make the transpose silently zero, so it is accepted only
-        after the adjoint test ``u·J(Jᵀu) = ‖Jᵀu‖²`` on a fixed, non-degenerate ``u``.
+        after the adjoint test ``u·J(Jᵀu) = ‖Jᵀu‖²`` on a fixed, non-degenerate ``u``. With
+        ``check=False`` the test is left to the first :meth:`gram` product (or
+        :meth:`ensure_checked`).
         """
         try:
             _, transposed = torch.func.vjp(self._vjp_fn, torch.zeros_like(self.value))
+            if not check:
+                return transposed
             u = torch.cos(1.7 * torch.arange(self.value.numel(), device=self.value.device,
                                              dtype=self.value.dtype) + 0.3)
             (jt_u,) = self._vjp_fn(u)
@@ -153,35 +172,101 @@ class _Linearized:
             return None
         expected = sum(float(t.square().sum()) for t in jt_u.values())
         got = float(u @ j_jt_u)
-        tol = 10 * math.sqrt(torch.finfo(self.value.dtype).eps)
-        if abs(got - expected) > tol * max(abs(expected), abs(got)):
+        if not self._adjoint_ok(got, expected):
             logger.debug("transposed L-op failed the adjoint test (%.3g vs %.3g); using jvp",
                          got, expected)
             return None
         return transposed
 
-    def _rop_all(self, v: Params) -> Tensor:
-        """``J·v`` over all rows of ``f``."""
+    def _use_jvp_from_now(self) -> None:
+        self._transposed, self._use_jvp, self._unchecked = None, True, False
+        self._last_lops = []
+
+    def _rop_all(self, v: Params, check: bool = True) -> Tensor:
+        """``J·v`` over all rows of ``f``; ``check=False`` defers the adjoint test."""
         if not self._use_jvp and self._transposed is None:
-            self._transposed = self._transpose()
+            self._transposed = self._transpose(check)
             self._use_jvp = self._transposed is None
-        if self._use_jvp:
-            _, out = torch.func.jvp(self._fn, (self._params,), (v,))
-            return out
-        (out,) = self._transposed((v,))
+            self._unchecked = not check and not self._use_jvp
+        if not self._use_jvp:
+            try:
+                (out,) = self._transposed((v,))
+                return out
+            except RuntimeError as err:
+                if not self._unchecked:
+                    raise
+                logger.debug("R-op by transposing the L-op failed (%s); using jvp", err)
+                self._use_jvp_from_now()
+        _, out = torch.func.jvp(self._fn, (self._params,), (v,))
         return out
 
-    def rop(self, v: Tensor) -> Tensor:
-        """``J·v``: R-op, Eq. 7 of Márquez-Neila, Salzmann and Fua (2017)."""
-        out = self._rop_all(_unflatten(v, self._params))
+    def _rows(self, out: Tensor) -> Tensor:
         return out if self.index is None else out[self.index]
 
-    def lop(self, u: Tensor) -> Tensor:
-        """``Jᵀ·u`` (= ``uᵀJ``): L-op, Eq. 8 of Márquez-Neila, Salzmann and Fua (2017)."""
+    def rop(self, v: Tensor, *, check: bool = True) -> Tensor:
+        """``J·v``: R-op, Eq. 7 of Márquez-Neila, Salzmann and Fua (2017).
+
+        ``check=False`` uses the transposed L-op before its adjoint test; the caller must then
+        call :meth:`gram` or :meth:`ensure_checked` and redo its work on
+        :class:`_AdjointMismatchError`.
+        """
+        return self._rows(self._rop_all(_unflatten(v, self._params), check))
+
+    def _lop_dict(self, u: Tensor) -> Params:
         if self.index is not None:
             u = self.value.new_zeros(self.value.numel()).index_copy_(0, self.index, u)
         (grads,) = self._vjp_fn(u)
-        return _flatten(grads)
+        return grads
+
+    def lop(self, u: Tensor) -> Tensor:
+        """``Jᵀ·u`` (= ``uᵀJ``): L-op, Eq. 8 of Márquez-Neila, Salzmann and Fua (2017)."""
+        return _flatten(self._lop_dict(u))
+
+    def gram(self, u: Tensor, weight: float | Params) -> Tensor:
+        """``J·W·Jᵀ·u`` for a positive diagonal ``W`` (a number or a dict shaped like params).
+
+        The first product with a non-zero ``Jᵀu`` also runs the adjoint test of the transposed
+        L-op, ``u·(J·W·Jᵀu) = (Jᵀu)·W·(Jᵀu) > 0``, with no extra product; when it fails the R-op
+        switches to ``torch.func.jvp`` and :class:`_AdjointMismatchError` is raised, so that the
+        caller redoes the solve. ``Jᵀu`` is kept for :meth:`lop_of_recent`.
+        """
+        jt_u = self._lop_dict(u)
+        if isinstance(weight, dict):
+            v = {k: t * weight[k] for k, t in jt_u.items()}
+            out = self._rows(self._rop_all(v, check=False))
+        else:
+            v = jt_u
+            out = self._rows(self._rop_all(v, check=False)) * weight
+        if self._unchecked:
+            expected = sum(float((a * b).sum()) for a, b in zip(jt_u.values(), v.values(),
+                                                                strict=True))
+            if not isinstance(weight, dict):
+                expected *= weight
+            if expected != 0.0:  # Jᵀu = 0 tests nothing; wait for the next product
+                if not self._adjoint_ok(float(u @ out), expected):
+                    logger.debug("transposed L-op failed the adjoint test; using jvp")
+                    self._use_jvp_from_now()
+                    raise _AdjointMismatchError
+                self._unchecked = False
+        self._last_lops = [*self._last_lops[-1:], (u.clone(), jt_u)]
+        return out
+
+    def lop_of_recent(self, u: Tensor) -> Tensor:
+        """``Jᵀu``, reused from one of the last two :meth:`gram` products when ``u`` is equal."""
+        for v, jt_v in reversed(self._last_lops):
+            if torch.equal(u, v):
+                return _flatten(jt_v)
+        return self.lop(u)
+
+    def ensure_checked(self) -> None:
+        """Run the adjoint test now if it is still pending; :class:`_AdjointMismatchError` if it
+        fails (the R-op has then switched to ``torch.func.jvp``)."""
+        if self._unchecked:
+            transposed = self._transpose()
+            if transposed is None:
+                self._use_jvp_from_now()
+                raise _AdjointMismatchError
+            self._transposed, self._unchecked = transposed, False
 
 
 # ---- validation -------------------------------------------------------------------------------
@@ -321,8 +406,29 @@ def _solve(
     return x, info
 
 
+def _solve_reduced(
+    d: Tensor | float, g: Tensor, lin: _Linearized, c: Tensor, rtol: float, maxit: int | None
+) -> tuple[Tensor, Tensor, MinresQLPInfo]:
+    """``(J·D⁻¹·Jᵀ)·Λ = c − J·D⁻¹·g``, then ``dw = −D⁻¹(g + JᵀΛ)``; ``d`` a vector or a number.
+
+    The products are :meth:`_Linearized.gram`: no parameter-sized vector is flattened, the
+    adjoint test of the R-op is done on the first product, and ``JᵀΛ`` of the answer is reused
+    from the solver's final residual check. :class:`_AdjointMismatchError` when that test fails.
+    """
+    if isinstance(d, Tensor):
+        d_inv: Tensor | float = d.reciprocal()
+        weight: Params | float = _unflatten(d_inv, lin._params)
+        rhs = c - lin.rop(d_inv * g, check=False)
+    else:
+        d_inv = weight = 1.0 / d
+        rhs = c - lin.rop(g, check=False) * d_inv
+    lam, info = _solve(lambda lam: lin.gram(lam, weight), rhs, rtol, maxit)
+    lin.ensure_checked()
+    return -d_inv * (g + lin.lop_of_recent(lam)), lam, info
+
+
 def _solve_diagonal(
-    d: Tensor,
+    d: Tensor | float,
     g: Tensor,
     lin: _Linearized,
     c: Tensor,
@@ -330,7 +436,8 @@ def _solve_diagonal(
     rtol: float,
     maxit: int | None,
 ) -> tuple[Tensor, Tensor, MinresQLPInfo]:
-    """Solve ``[[D, Jᵀ], [J, 0]]·[dw; Λ] = [−g; −c]`` for a positive diagonal ``D = diag(d)``.
+    """Solve ``[[D, Jᵀ], [J, 0]]·[dw; Λ] = [−g; −c]`` for a positive diagonal ``D = diag(d)``
+    (``d`` a vector, or a number for ``D = d·I``).
 
     ``system="reduced"``: ``(J·D⁻¹·Jᵀ)·Λ = c − J·D⁻¹·g`` and ``dw = −D⁻¹(g + JᵀΛ)``. The null space
     of the full matrix is ``{0} × null(Jᵀ)``, so its minimum-length least-squares solution has
@@ -343,13 +450,10 @@ def _solve_diagonal(
         lam, info = _solve(lambda lam: lam, c, rtol, maxit)  # ZERO_RHS, 0 iterations
         return -g / d, lam, info
     if system == "reduced":
-        d_inv = d.reciprocal()
-
-        def schur(lam: Tensor) -> Tensor:
-            return lin.rop(d_inv * lin.lop(lam))
-
-        lam, info = _solve(schur, c - lin.rop(d_inv * g), rtol, maxit)
-        return -d_inv * (g + lin.lop(lam)), lam, info
+        try:
+            return _solve_reduced(d, g, lin, c, rtol, maxit)
+        except _AdjointMismatchError:  # the R-op has switched to jvp: solve again from the start
+            return _solve_reduced(d, g, lin, c, rtol, maxit)
 
     def product(x: Tensor) -> Tensor:  # Algorithm 1
         x1, x2 = x[:n_p], x[n_p:]
@@ -523,7 +627,7 @@ def kkt_step(
             d = _adam_diagonal(_flatten(v), eta, t, betas, eps, bias_correction)
         else:
             g = _flatten(grads)
-            d = torch.full_like(g, eta)
+            d = eta  # D = ηI
         dw, lam, info = _solve_diagonal(d, g, lin, c, resolved, rtol, maxit)
         if method == "adam":
             state.update(m=m, v=v, t=t + 1)
