@@ -3,8 +3,10 @@
 The setting of §5 of Márquez-Neila, Salzmann and Fua, "Imposing Hard Constraints on Deep
 Networks: Promises and Limitations", 2017: the network of Eq. 13 (float32, 3.2 M parameters),
 one batch of 128 labelled synthetic poses (Eq. 14 loss), and the six symmetry constraints of
-Table 2 on 16 samples mined by Eq. 9 (``MinedActive(pool, 16, candidates=128)``) from an
-unlabelled pool: 96 constraint residuals per step. Every iteration of every method is the mining
+Table 2 (the scale-invariant ``symmetry_residuals(..., relative=True)`` that ``ccnn pose``
+enforces) on 16 samples mined by Eq. 9 (``MinedActive(pool, 16, candidates=128)``) from an
+unlabelled pool: 96 constraint residuals per step. Learning rates and solver settings are those
+of ``ccnn pose`` (:data:`HYPER`, :data:`SOLVER`). Every iteration of every method is the mining
 forward pass (128 candidates, the same cost for all) followed by the method's step:
 
 * ``soft-adam`` / ``soft-sgd``: Adam / SGD on the Eq. 14 loss + λ·Σ C² over the mined samples
@@ -504,6 +506,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--sweep-warm must be comma-separated integers, got {args.sweep_warm!r}")
     if not args.sweep_warm or min(args.sweep_warm) < 0:
         p.error(f"--sweep-warm must be integers >= 0, got {args.sweep_warm!r}")
+    try:
+        args.json = json_path(args.json)
+    except ValueError as err:
+        p.error(str(err))
     if args.rounds < 1:
         p.error(f"--rounds must be >= 1, got {args.rounds}")
     if args.maxit is not None and not (args.maxit.lower() == "none" or args.maxit.isdigit()):
@@ -541,7 +547,7 @@ def machine(device: torch.device) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    out_path = json_path(args.json)
+    out_path = args.json
     # unconverged solves (hard-gn stops at maxit by design) are counted in the table's flags
     logging.getLogger("ccnn.hard.kkt").setLevel(logging.ERROR)
     torch.set_num_threads(args.threads)
