@@ -1,6 +1,6 @@
 """Linear constraints on a latent segmentation distribution, built from image-level tags.
 
-CCNN (Pathak, Krähenbühl, Darrell 2015; seed 001, Eq. 2 and 5) asks the latent distribution P to
+CCNN (Pathak, Krähenbühl, Darrell 2015, Eq. 2 and 5) asks the latent distribution P to
 satisfy ``A·P ≥ b − ξ``.  Every constraint used here bounds a *fraction*: the share of an image's
 pixels (or of a weighted region) that P gives to one class.  Two forms are provided:
 
@@ -83,7 +83,7 @@ def tag_bounds(
     size_bg_upper: float = 0.7,
     size_threshold: float = 0.1,
 ) -> Bounds:
-    """CCNN's constraints from image-level tags (Pathak et al. 2015, Sec. 4; seed 001, Sec. 3.2).
+    """CCNN's constraints from image-level tags (Pathak, Krähenbühl, Darrell 2015, Sec. 4).
 
     For each image and class ``l`` the result bounds the fraction ``(1/N)·Σ_i P_i(l)``:
 
@@ -189,7 +189,7 @@ class RegionConstraints:
 
     Region ``r`` of image ``b`` asks ``lower[b, r] ≤ Σ_i w_i·P_i(c) / Σ_i w_i ≤ upper[b, r]``
     with ``w = weights[b, r]`` and ``c = classes[r]`` (or ``classes[b, r]``) — the weighted
-    version of CCNN's class-sum constraint (seed 001, Eq. 2, one row of ``A``), with slack
+    version of CCNN's class-sum constraint (Pathak et al. 2015, Eq. 2, one row of ``A``), with slack
     ``slack`` as in Eq. 4–5.  A 0/1 weight map is a box or a region: ``lower = 0.5`` then says
     "at least half of this box is class ``c``".
 

@@ -1,7 +1,7 @@
 """CCNN's P-step: the latent distribution closest in KL to the network's output under constraints.
 
 For each image, with Q = softmax(logits) over L classes at N pixels, :func:`solve_latent` solves
-(Pathak et al. 2015, Eq. 4–5 of seed 001)::
+(Pathak et al. 2015, Eq. 4–5)::
 
     minimise    (1/N)·Σ_i KL(P_i ‖ Q_i) + Σ_k β_k·(ξlo_k + ξhi_k)
     over        P_i in the simplex, ξ ≥ 0
@@ -566,7 +566,7 @@ def solve_latent(
 ) -> LatentResult:
     """Latent distribution P closest in KL to ``softmax(logits)`` under fraction bounds.
 
-    Solves CCNN's P-step (Eq. 4–5 of seed 001) through its dual (Eq. 3), for a whole batch at
+    Solves CCNN's P-step (Pathak et al. 2015, Eq. 4–5) via its dual (Eq. 3), for a whole batch at
     once on the logits' device; see the module docstring for the problem and the methods.
 
     Args:

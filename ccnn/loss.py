@@ -1,6 +1,6 @@
 """Training losses: CCNN's constrained loss and the two baselines it is compared with.
 
-* :class:`ConstrainedLoss` — CCNN (seed 001, Fig. 1 and Eq. 1): the P-step solves for the latent
+* :class:`ConstrainedLoss` — CCNN (Pathak et al. 2015, Eq. 1): the P-step solves for the latent
   distribution P under the constraints with no gradient, then the network takes a step on the
   cross-entropy ``H(P, Q)``, whose gradient with respect to the logits is ``(Q − P)/N``.
 * :func:`mil_loss` — MIL-FCN (Pathak et al. 2014): for every class tagged in the image, the

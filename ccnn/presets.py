@@ -8,7 +8,7 @@ from __future__ import annotations
 
 __all__ = ["PRESETS", "preset"]
 
-# CCNN (seed 001; REFERENCE.md): VGG16 FCN at output stride 8, whole images, batch 1, SGD with
+# CCNN (Pathak et al. 2015): VGG16 FCN at output stride 8, whole images, batch 1, SGD with
 # lr 1e-6, momentum 0.99, weight decay 5e-7, 35k iterations; size constraints with hardness 1000.
 _CCNN_SGD = {"model": "vgg16-fcn", "optimizer": "sgd", "lr": 1e-6, "momentum": 0.99,
              "weight_decay": 5e-7, "batch_size": 1, "eval_batch_size": 1, "schedule": "constant",
@@ -39,7 +39,7 @@ PRESETS: dict[str, dict] = {
                **_CCNN_SGD},
 }
 
-# CCNN's hardness with size constraints (REFERENCE.md); 1 with tags only.
+# CCNN's hardness with size constraints (the original CCNN code); 1 with tags only.
 SIZE_HARDNESS = 1000.0
 # mil on the synthetic default: its epoch loss fell from 0.18 to 0.010 and 0.0035 in epochs 1-3
 # and its validation mIoU stayed within 0.079-0.083 over 14 (docs/training.md), so the demo's

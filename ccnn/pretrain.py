@@ -1,6 +1,6 @@
 """Backbone pretraining on an image-level classification set: the stand-in for ImageNet.
 
-CCNN (seed 001; Pathak et al. 2015) starts its segmentation network from VGG16 trained to
+CCNN (Pathak, Krähenbühl, Darrell 2015) starts its segmentation network from VGG16 trained to
 classify ImageNet: image-level labels on a separate, larger set of images, whose features
 already tell objects apart.  :func:`pretrain` builds the same starting point for the small
 network on the synthetic default: it classifies single-object images of a separate split

@@ -1,6 +1,6 @@
 """The P-step written directly in CVXPY — the validation oracle — and random test problems.
 
-:func:`solve_latent_cvxpy` states the primal of Eq. 4–5 (seed 001) for one image exactly as
+:func:`solve_latent_cvxpy` states the primal (Pathak et al. 2015, Eq. 4–5) for one image exactly as
 :func:`ccnn.latent.solve_latent` documents it, and hands it to a conic solver (SCS by default,
 Clarabel selectable).  It shares no code with the dual solver: it is the independent answer the
 solver is checked against.  Exponential-cone problems are slow — use it on small images only.
@@ -100,7 +100,7 @@ def solve_latent_cvxpy(
     eps: float = 1e-9,
     max_iters: int = 200_000,
 ) -> ReferenceSolution:
-    """Solve one image's P-step (Eq. 4–5 of seed 001) in CVXPY.
+    """Solve one image's P-step (Eq. 4–5 of Pathak et al. 2015) in CVXPY.
 
     ``minimise (1/N)·Σ_i KL(P_i‖Q_i) + Σ_l β_l·(ξlo_l + ξhi_l)`` over ``P_i`` in the simplex and
     ``ξ ≥ 0``, subject to ``lower_l − ξlo_l ≤ (1/N)·Σ_i P_i(l) ≤ upper_l + ξhi_l``; classes with

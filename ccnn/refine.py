@@ -1,6 +1,6 @@
 """The refinement stage: self-training on the network's own CRF-refined, tag-restricted labels.
 
-CCNN (seed 001) trains only with the P-step's latent distributions and applies the dense CRF at
+CCNN (Pathak et al. 2015) trains only on the P-step's latent distributions; the dense CRF comes at
 test time.  Later weak-label pipelines add a second stage that trains the segmentation network
 on refined pseudo-labels (e.g. Ahn and Kwak 2018 train DeepLab on theirs).  After the P/Q
 epochs, :func:`pseudo_labels` gives each training image a label map:

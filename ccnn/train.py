@@ -6,7 +6,7 @@ folder, data, model, criterion, optimizer and schedule, resume, and the epoch lo
 
 Methods (:data:`METHODS`):
 
-* ``"ccnn"`` — tags only: foreground, background and suppression constraints (seed 001, §4);
+* ``"ccnn"`` — tags only: foreground, background and suppression constraints (CCNN, §4);
 * ``"ccnn-size"`` — plus CCNN's size constraints from per-class sizes;
 * ``"mil"`` — MIL-FCN's multi-class MIL loss on tags, no constraints (the baseline CCNN beat);
 * ``"full"`` — per-pixel cross-entropy with the masks (the upper bound).

@@ -1,6 +1,6 @@
 """Is the latent P of an under-trained network closer to a fully trained one than the network?
 
-The seed's CamVid experiment (seed 001, §3.2–3.3): train a network briefly (Q_u) and fully (Q_f)
+CCNN's CamVid test (Pathak et al. 2015, §3.2–3.3): train a network briefly (Q_u) and fully (Q_f)
 with pixel labels; compute the latent P from Q_u under foreground constraints only (Eq. 6: every
 tagged class covers at least α_l of the pixels, α_l from training statistics); compare
 KL(Q_f‖Q_u) with KL(Q_f‖P) and the pixel accuracy of each.  The seed reports P about 66% closer.

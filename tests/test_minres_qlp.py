@@ -69,7 +69,7 @@ def test_reference_diag_problems_give_pinv_solution(n, shift, kind):
 
 
 def test_small_singular_diag_1230():
-    # diag(1, 2, 3, 0): b = ones gives the pinv answer (1, 1/2, 1/3, 0) (REFERENCE.md's
+    # diag(1, 2, 3, 0): b = ones gives the pinv answer (1, 1/2, 1/3, 0) (a published test's
     # "[1, 1, 1, 0]" is the answer for b = (1, 2, 3, 1)); the null part of b is discarded.
     A = t(np.diag([1.0, 2.0, 3.0, 0.0]))
     x, info = minres_qlp(A, torch.ones(4, dtype=F64), rtol=1e-12)
