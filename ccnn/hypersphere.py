@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -236,12 +236,8 @@ def _fig3_paths(cfg: HypersphereConfig, steps: int) -> dict[str, Tensor]:
     ``steps`` iterations of soft, hard on the same two constraints, and hard on a new random
     pair of the ``cfg.spheres`` circles each iteration."""
     generator = torch.Generator().manual_seed(cfg.seed)
-    d2 = HypersphereConfig(dim=2, spheres=cfg.spheres, radius=cfg.radius,
-                           center_std=cfg.center_std, per_coordinate=cfg.per_coordinate,
-                           start_distance=cfg.start_distance,
-                           lam=cfg.lam, active=2, iterations=steps, soft_lr=cfg.soft_lr,
-                           eta=cfg.eta, budget=max(cfg.budget, 2), tol=cfg.tol, rtol=cfg.rtol,
-                           seed=cfg.seed, dtype="float64")
+    d2 = replace(cfg, dim=2, active=2, iterations=steps, budget=max(cfg.budget, 2),
+                 dtype="float64")
     problem, _ = make_problem(d2, generator)
     x0 = torch.tensor([0.0, cfg.start_distance], dtype=torch.float64)
     same = problem.subset(torch.tensor([0, 1]))

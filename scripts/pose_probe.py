@@ -20,10 +20,9 @@ from ccnn.pose.experiment import (
     evaluate,
     load_data,
     run_method,
-    train_unconstrained,
+    unconstrained_model,
     with_overrides,
 )
-from ccnn.pose.model import PoseNet
 
 
 def main() -> None:
@@ -40,16 +39,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     base = PoseConfig(seed=args.seed)
     data = load_data(base)
-    with torch.random.fork_rng():
-        torch.manual_seed(base.seed)
-        start = PoseNet()
-    cache = Path(args.start)
-    if cache.is_file():
-        start.load_state_dict(torch.load(cache))
-    else:
-        train_unconstrained(start, data, base, torch.Generator().manual_seed(base.seed))
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(start.state_dict(), cache)
+    start, _ = unconstrained_model(base, data, cache=Path(args.start))
     print("start", evaluate(start, data["val_x"], data["val_y"])["mean_joint_error"], flush=True)
     changes = ast.literal_eval(args.changes)
     cfg = with_overrides(base, methods=(args.method,), iterations=args.iterations,

@@ -20,17 +20,14 @@ import logging
 import time
 from pathlib import Path
 
-import torch
-
 from ccnn.io import json_path, write_json
 from ccnn.pose.experiment import (
     PoseConfig,
     load_data,
     run_method,
-    train_unconstrained,
+    unconstrained_model,
     with_overrides,
 )
-from ccnn.pose.model import PoseNet
 
 #: (method, changes to the config) for every candidate
 CANDIDATES: list[tuple[str, dict]] = [
@@ -55,15 +52,7 @@ def main() -> None:
     out = json_path(args.json)
     base = PoseConfig(seed=args.seed)
     data = load_data(base)
-    with torch.random.fork_rng():
-        torch.manual_seed(base.seed)
-        start = PoseNet()
-    if args.start and Path(args.start).is_file():
-        start.load_state_dict(torch.load(args.start))
-    else:
-        train_unconstrained(start, data, base, torch.Generator().manual_seed(base.seed))
-        if args.start:
-            torch.save(start.state_dict(), args.start)
+    start, _ = unconstrained_model(base, data, cache=Path(args.start) if args.start else None)
     wanted = set(args.methods.split(",")) if args.methods else None
     rows = []
     # soft-sgd shares soft-adam's λ: choose that first

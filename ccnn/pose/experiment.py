@@ -54,7 +54,8 @@ from ccnn.pose.skeleton import (
 )
 from ccnn.progress import ProgressBar
 
-__all__ = ["METHODS", "PoseConfig", "evaluate", "plot_fig2", "run_pose", "train_unconstrained"]
+__all__ = ["METHODS", "PoseConfig", "evaluate", "plot_fig2", "run_pose", "train_unconstrained",
+           "unconstrained_model"]
 
 log = logging.getLogger(__name__)
 
@@ -366,24 +367,35 @@ def _h36m_splits(cfg: PoseConfig) -> dict[str, Tensor]:
             "pool_x": images[:cfg.n_pool]}
 
 
+def unconstrained_model(cfg: PoseConfig, data: dict[str, Tensor], progress: bool = False,
+                        cache: Path | None = None) -> tuple[nn.Module, dict]:
+    """The Eq. 13 network with seeded initial weights (the caller's RNG is restored), trained by
+    :func:`train_unconstrained`; with ``cache``, loaded from that state_dict file when it exists
+    and saved there otherwise. Returns the model and its training record ({} when loaded)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        model = PoseNet(hidden=cfg.hidden, image_size=cfg.image_size)
+    if cache is not None and Path(cache).is_file():
+        model.load_state_dict(torch.load(cache))
+        return model, {}
+    record = train_unconstrained(model, data, cfg, torch.Generator().manual_seed(cfg.seed),
+                                 progress)
+    if cache is not None:
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), cache)
+    return model, record
+
+
 def run_pose(cfg: PoseConfig, out: Path | None = None, progress: bool = False,
-             split: str = "test", start: nn.Module | None = None) -> dict:
+             split: str = "test") -> dict:
     """The whole experiment: the unconstrained model, then every method of ``cfg.methods``
     from it; returns ``{"methods": {...}, "config": {...}}`` and, with ``out``, draws Fig. 2a
-    and 2b there. ``split="val"`` evaluates on the validation split (for choosing settings);
-    ``start`` reuses an unconstrained model instead of training one."""
+    and 2b there. ``split="val"`` evaluates on the validation split (for choosing settings)."""
     if split not in ("test", "val"):
         raise ValueError(f"split must be 'test' or 'val', got {split!r}")
     t0 = time.perf_counter()
     data = load_data(cfg)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    if start is None:
-        with torch.random.fork_rng():  # seeded initial weights; the caller's RNG is restored
-            torch.manual_seed(cfg.seed)
-            start = PoseNet(hidden=cfg.hidden, image_size=cfg.image_size)
-        pretraining = train_unconstrained(start, data, cfg, generator, progress)
-    else:
-        pretraining = {}
+    start, pretraining = unconstrained_model(cfg, data, progress)
     records = {"unconstrained": {**evaluate(start, data[f"{split}_x"], data[f"{split}_y"]),
                                  **pretraining}}
     for name in cfg.methods:
