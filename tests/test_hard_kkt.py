@@ -137,6 +137,42 @@ def test_sgd_matches_dense_eq5(problem: Problem, system: str) -> None:
     assert step.active.all()
 
 
+@pytest.mark.parametrize(("method", "system"),
+                         [("sgd", "full"), ("sgd", "reduced"), ("gauss-newton", "full")])
+def test_correction_and_regularization_match_dense(
+    problem: Problem, system: str, method: str
+) -> None:
+    """[[D, Jᵀ], [J, −μI]]·[dw; Λ] = [−g; −αC], solved densely by numpy.linalg.solve."""
+    eta, alpha, mu = 2.5, 0.3, 0.05
+    J = jacobian(problem.constraints, problem.params)
+    c = problem.constraints(problem.params).reshape(-1).numpy()
+    if method == "sgd":
+        top, g = eta * np.eye(J.shape[1]), grad(problem)
+    else:
+        Jr = jacobian(problem.residuals, problem.params)
+        top = Jr.T @ Jr + eta * np.eye(J.shape[1])
+        g = Jr.T @ problem.residuals(problem.params).numpy()
+    n, k = top.shape[0], J.shape[0]
+    K = np.block([[top, J.T], [J, -mu * np.eye(k)]])
+    sol = np.linalg.solve(K, np.concatenate([-g, -alpha * c]))
+    step = kkt_step(problem.params, problem.loss, problem.constraints, eta=eta, method=method,
+                    residuals=problem.residuals, system=system, rtol=1e-12,
+                    correction=alpha, regularization=mu)
+    assert_step(step, sol[:n], sol[n:])
+    # Λ = (J·dw + αC)/μ: the multipliers of the quadratic penalty of weight 1/μ
+    assert np.allclose(sol[n:], (J @ sol[:n] + alpha * c) / mu)
+
+
+@pytest.mark.parametrize("alpha", [0.25, 1.0])
+def test_correction_removes_its_share_of_the_linearized_residual(alpha: float) -> None:
+    pr = make_problem("mlp", 1)
+    J = jacobian(pr.constraints, pr.params)
+    c = pr.constraints(pr.params).reshape(-1).numpy()
+    step = kkt_step(pr.params, pr.loss, pr.constraints, eta=1.0, rtol=1e-12, correction=alpha)
+    linearized = c + J @ _flatten(step.delta).numpy()
+    assert np.allclose(linearized, (1 - alpha) * c, atol=1e-8 * np.abs(c).max())
+
+
 def test_gauss_newton_matches_dense_eq6(problem: Problem) -> None:
     eta = 0.3
     J = jacobian(problem.constraints, problem.params)
@@ -567,6 +603,10 @@ def test_errors() -> None:
         kkt_step(p, L, C, eta=1.0, inequality=torch.ones(5, dtype=torch.bool))
     with pytest.raises(ValueError, match="inequality must be a bool or a bool tensor"):
         kkt_step(p, L, C, eta=1.0, inequality=torch.ones(6))
+    with pytest.raises(ValueError, match="correction must be a number in"):
+        kkt_step(p, L, C, eta=1.0, correction=0.0)
+    with pytest.raises(ValueError, match="regularization must be a finite number >= 0"):
+        kkt_step(p, L, C, eta=1.0, regularization=-1.0)
     with pytest.raises(ValueError, match=r"loss\(params\) must return a scalar tensor"):
         kkt_step(p, pr.residuals, C, eta=1.0)
 

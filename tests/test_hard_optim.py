@@ -64,28 +64,32 @@ def at_params(model: nn.Module, fn):
     return lambda p: fn(lambda *a: torch.func.functional_call(model, p, a))
 
 
+@pytest.mark.parametrize("block", [{}, {"correction": 0.5, "regularization": 0.1}])
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("kind", ["sgd", "adam", "gauss-newton"])
-def test_step_applies_kkt_step_delta(kind: str, seed: int) -> None:
+def test_step_applies_kkt_step_delta(kind: str, seed: int, block: dict) -> None:
     """Two steps each: the parameters move by kkt_step's delta at the same point (and Adam's
-    state carries over as kkt_step's state dict does)."""
+    state carries over as kkt_step's state dict does); correction and regularization reach
+    kkt_step."""
     model = mlp(seed)
     loss, residuals, constraints = problem_fns(*data(seed))
     L, R, C = (at_params(model, f) for f in (loss, residuals, constraints))
     if kind == "sgd":
-        opt = HardSGD(model, lr=0.05, rtol=1e-10)
+        opt = HardSGD(model, lr=0.05, rtol=1e-10, **block)
     elif kind == "adam":
-        opt = HardAdam(model, lr=0.05, rtol=1e-10)
+        opt = HardAdam(model, lr=0.05, rtol=1e-10, **block)
     else:
-        opt = HardGaussNewton(model, damping=0.5, rtol=1e-10)
+        opt = HardGaussNewton(model, damping=0.5, rtol=1e-10, **block)
     state: dict = {}
     for _ in range(2):
         params = snapshot(model)
         if kind == "gauss-newton":
-            ref = kkt_step(params, None, C, eta=0.5, method=kind, residuals=R, rtol=1e-10)
+            ref = kkt_step(params, None, C, eta=0.5, method=kind, residuals=R, rtol=1e-10,
+                           **block)
             result = opt.step(residuals, constraints)
         else:
-            ref = kkt_step(params, L, C, eta=20.0, method=kind, state=state, rtol=1e-10)
+            ref = kkt_step(params, L, C, eta=20.0, method=kind, state=state, rtol=1e-10,
+                           **block)
             result = opt.step(loss, constraints)
         for name, p in model.named_parameters():
             torch.testing.assert_close(p.detach(), params[name] + ref.delta[name], rtol=0, atol=0)
@@ -185,6 +189,25 @@ def test_toy_constrained_least_squares() -> None:
         assert float(result.constraint_values.abs().max()) < 1e-8
 
 
+@pytest.mark.parametrize("cls", [HardSGD, HardAdam, HardGaussNewton])
+def test_deepcopy_gives_a_working_optimizer_of_the_copied_model(cls: type) -> None:
+    """copy.deepcopy of a model and its optimizer together: the copy steps the copied model
+    exactly as the original steps the original."""
+    import copy
+
+    model = mlp(0)
+    opt = cls(model, rtol=1e-10)
+    loss, residuals, constraints = problem_fns(*data(0))
+    first = residuals if cls is HardGaussNewton else loss
+    opt.step(first, constraints)
+    model2, opt2 = copy.deepcopy((model, opt))
+    opt.step(first, constraints)
+    opt2.step(first, constraints)
+    for p, q in zip(model.parameters(), model2.parameters(), strict=True):
+        assert p is not q
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
 def test_frozen_parameters_and_buffers() -> None:
     """Only parameters that require grad move; buffers and frozen parameters are used as they
     are (the frozen first bias stays, the buffer scales the input)."""
@@ -266,6 +289,10 @@ def test_hyper_parameter_errors() -> None:
         HardSGD(model, rtol=-1.0)
     with pytest.raises(ValueError, match="Invalid maxit"):
         HardGaussNewton(model, maxit=-3)
+    with pytest.raises(ValueError, match=re.escape("Invalid correction (must be in (0, 1]): 2")):
+        HardSGD(model, correction=2)
+    with pytest.raises(ValueError, match="Invalid regularization"):
+        HardAdam(model, regularization=float("inf"))
     with pytest.raises(ValueError, match=re.escape("model must be a torch.nn.Module")):
         HardSGD(list(model.parameters()))
     frozen = nn.Linear(2, 2).requires_grad_(False)

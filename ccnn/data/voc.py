@@ -13,7 +13,9 @@ The layout read (``data/README.md`` has the whole of it)::
         train.txt, val.txt
 
 The layout is checked when a dataset is built (split files and folders); each image and mask is
-checked when it is loaded, and every error names the file or folder at fault.  Nothing is
+checked when it is loaded, and every error names the file or folder at fault (and the split, for
+a sample's files).  With ``skip_bad=True`` every image and mask is read once when the dataset is
+built, and the samples of missing, truncated or corrupt files are left out.  Nothing is
 downloaded.
 
 The file readers are those of :mod:`ccnn.data.files`, shared with :mod:`ccnn.data.camvid`.
@@ -31,7 +33,17 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ccnn.data.files import README, make_sample, read_index_png, read_rgb, require_dir
+from ccnn.data.files import (
+    DECODE_ERRORS,
+    README,
+    bad_file,
+    make_sample,
+    read_index_png,
+    read_rgb,
+    require_dir,
+    scan_samples,
+    verify_image,
+)
 
 __all__ = ["SPLITS", "VOC_CLASSES", "VOCDataset", "voc_palette"]
 
@@ -132,20 +144,29 @@ def _train_aug_entries(voc: Path, sbd: Path) -> list[_Entry]:
     return entries
 
 
-def _read_sbd_mask(path: Path) -> Tensor:
-    """The class indices ``GTcls.Segmentation`` of SBD's ``cls/<id>.mat`` as int64 ``(H, W)``."""
+def _read_sbd_mask(path: Path, *, where: str = "") -> Tensor:
+    """The class indices ``GTcls.Segmentation`` of SBD's ``cls/<id>.mat`` as int64 ``(H, W)``.
+
+    A missing file raises ``FileNotFoundError``, a truncated or corrupt one
+    :class:`~ccnn.data.files.BadFileError`, one without ``GTcls.Segmentation`` a ``ValueError``;
+    each names ``path`` after ``where``.
+    """
+    at = f"{where}: " if where else ""
     if not path.is_file():
-        raise FileNotFoundError(f"SBD mask {path} is missing (see {README} for the expected "
+        raise FileNotFoundError(f"{at}SBD mask {path} is missing (see {README} for the expected "
                                 f"layout)")
     try:
-        gt = scipy.io.loadmat(path, squeeze_me=True, struct_as_record=False)["GTcls"]
-        segmentation = np.asarray(gt.Segmentation, dtype=np.int64)
-    except (KeyError, AttributeError, ValueError, scipy.io.matlab.MatReadError) as err:
-        raise ValueError(f"SBD mask {path} has no readable GTcls.Segmentation (see {README})"
+        contents = scipy.io.loadmat(path, squeeze_me=True, struct_as_record=False)
+    except (*DECODE_ERRORS, scipy.io.matlab.MatReadError) as err:
+        raise bad_file(path, "SBD mask", where, err) from err
+    try:
+        segmentation = np.asarray(contents["GTcls"].Segmentation, dtype=np.int64)
+    except (KeyError, AttributeError, ValueError, TypeError) as err:
+        raise ValueError(f"{at}SBD mask {path} has no readable GTcls.Segmentation (see {README})"
                          ) from err
     if segmentation.ndim != 2:
-        raise ValueError(f"SBD mask {path}: GTcls.Segmentation has shape {segmentation.shape}, "
-                         f"expected (H, W)")
+        raise ValueError(f"{at}SBD mask {path}: GTcls.Segmentation has shape "
+                         f"{segmentation.shape}, expected (H, W)")
     return torch.from_numpy(segmentation)
 
 
@@ -166,11 +187,26 @@ def _read_main_flags(path: Path) -> dict[str, float]:
     return flags
 
 
+def _check_tag_classes(main: Path) -> None:
+    """Every ``<class>_trainval.txt`` of ``ImageSets/Main`` must name an object class of VOC.
+
+    A tag file of another name (a misspelt or foreign class) raises a ``ValueError`` naming it,
+    rather than being passed over while its class is read as absent or missing.
+    """
+    for path in sorted(main.glob("*_trainval.txt")):
+        name = path.name.removesuffix("_trainval.txt")
+        if name not in VOC_CLASSES[1:]:
+            raise ValueError(f"VOC tag file {path} names the class {name!r}, which is not a VOC "
+                             f"object class; the tag files are ImageSets/Main/<class>_trainval.txt "
+                             f"for <class> in {', '.join(VOC_CLASSES[1:])} (see {README})")
+
+
 def _read_main_tags(voc: Path, names: Sequence[str]) -> Tensor:
     """Tags ``(len(names), 21)`` from ``ImageSets/Main/<class>_trainval.txt``.
 
     Flag 1 is present; 0 ("difficult") and -1 are absent; the background is always present.
     """
+    _check_tag_classes(voc / "ImageSets" / "Main")
     tags = torch.zeros(len(names), len(VOC_CLASSES))
     tags[:, 0] = 1.0
     for label, class_name in enumerate(VOC_CLASSES[1:], start=1):
@@ -199,10 +235,22 @@ class VOCDataset(Dataset):
         sbd_root: SBD's ``benchmark_RELEASE/dataset`` folder, or a folder holding
             ``benchmark_RELEASE/dataset``; only read by ``train_aug``.  Default: ``root``, i.e.
             ``root/benchmark_RELEASE/dataset``.
+        skip_bad: read every image and mask once now and leave out the samples whose image or
+            mask is missing, truncated or corrupt; their bad files are listed in
+            :attr:`skipped` and logged as a warning.  The dataset then holds only readable
+            samples, indexed ``0 .. len - 1`` as usual, so samplers and ``DataLoader`` workers
+            see one fixed set (nothing is substituted while loading).  A file that goes bad
+            after the scan still raises when loaded.  Default ``False``: nothing is read now and
+            a bad file raises when its sample is loaded.
 
     Raises ``FileNotFoundError`` or ``ValueError`` naming the file or folder at fault when the
     layout of ``data/README.md`` is not met: when built for the split files and folders, when a
-    sample is loaded for its image and mask.
+    sample is loaded for its image and mask (the message then starts with the split, e.g.
+    ``"VOC train split: image …/2007_000032.jpg is truncated or corrupt …"``; a truncated or
+    corrupt file raises :class:`~ccnn.data.files.BadFileError`, a ``ValueError``).
+
+    Attributes:
+        skipped: the bad file of each sample left out by ``skip_bad`` (empty without it).
     """
 
     num_classes = len(VOC_CLASSES)
@@ -211,7 +259,7 @@ class VOCDataset(Dataset):
     background = 0
 
     def __init__(self, root: str | Path = "data", split: str = "train", *, tags: str = "masks",
-                 sbd_root: str | Path | None = None) -> None:
+                 sbd_root: str | Path | None = None, skip_bad: bool = False) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if tags not in TAG_SOURCES:
@@ -223,17 +271,36 @@ class VOCDataset(Dataset):
             self._entries = _train_aug_entries(self.root, sbd)
         else:
             self._entries = _voc_entries(self.root, split)
+        self.where = f"VOC {split} split"
         names = [e.name for e in self._entries]
-        self._main_tags = _read_main_tags(self.root, names) if tags == "main" else None
+        main_tags = _read_main_tags(self.root, names) if tags == "main" else None
+        self.skipped: list[Path] = []
+        if skip_bad:
+            kept, self.skipped = scan_samples(self._entries, lambda e: (e.image, e.mask),
+                                              self._verify, self.where)
+            if main_tags is not None:
+                keep = {e.name for e in kept}
+                main_tags = main_tags[[e.name in keep for e in self._entries]]
+            self._entries = kept
+        self._main_tags = main_tags
+
+    def _verify(self, path: Path) -> None:
+        """Read one file of a sample (an image, a PNG mask or an SBD ``.mat``) as a check."""
+        if path.suffix == ".mat":
+            _read_sbd_mask(path, where=self.where)
+        else:
+            verify_image(path, "image" if path.suffix == ".jpg" else "mask", where=self.where)
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def __getitem__(self, index: int) -> dict:
         entry = self._entries[index]
-        image = read_rgb(entry.image)
-        sbd = entry.mask.suffix == ".mat"
-        mask = _read_sbd_mask(entry.mask) if sbd else read_index_png(entry.mask)
+        image = read_rgb(entry.image, where=self.where)
+        if entry.mask.suffix == ".mat":
+            mask = _read_sbd_mask(entry.mask, where=self.where)
+        else:
+            mask = read_index_png(entry.mask, where=self.where)
         tags = None if self._main_tags is None else self._main_tags[index].clone()
         return make_sample(entry.name, image, mask, self.num_classes, image_path=entry.image,
-                           mask_path=entry.mask, tags=tags)
+                           mask_path=entry.mask, tags=tags, where=self.where)

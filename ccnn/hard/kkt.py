@@ -407,9 +407,11 @@ def _solve(
 
 
 def _solve_reduced(
-    d: Tensor | float, g: Tensor, lin: _Linearized, c: Tensor, rtol: float, maxit: int | None
+    d: Tensor | float, g: Tensor, lin: _Linearized, c: Tensor, mu: float, rtol: float,
+    maxit: int | None
 ) -> tuple[Tensor, Tensor, MinresQLPInfo]:
-    """``(J·D⁻¹·Jᵀ)·Λ = c − J·D⁻¹·g``, then ``dw = −D⁻¹(g + JᵀΛ)``; ``d`` a vector or a number.
+    """``(J·D⁻¹·Jᵀ + μI)·Λ = c − J·D⁻¹·g``, then ``dw = −D⁻¹(g + JᵀΛ)``; ``d`` a vector or a
+    number.
 
     The products are :meth:`_Linearized.gram`: no parameter-sized vector is flattened, the
     adjoint test of the R-op is done on the first product, and ``JᵀΛ`` of the answer is reused
@@ -422,7 +424,7 @@ def _solve_reduced(
     else:
         d_inv = weight = 1.0 / d
         rhs = c - lin.rop(g, check=False) * d_inv
-    lam, info = _solve(lambda lam: lin.gram(lam, weight), rhs, rtol, maxit)
+    lam, info = _solve(lambda lam: lin.gram(lam, weight) + mu * lam, rhs, rtol, maxit)
     lin.ensure_checked()
     return -d_inv * (g + lin.lop_of_recent(lam)), lam, info
 
@@ -432,18 +434,20 @@ def _solve_diagonal(
     g: Tensor,
     lin: _Linearized,
     c: Tensor,
+    mu: float,
     system: str,
     rtol: float,
     maxit: int | None,
 ) -> tuple[Tensor, Tensor, MinresQLPInfo]:
-    """Solve ``[[D, Jᵀ], [J, 0]]·[dw; Λ] = [−g; −c]`` for a positive diagonal ``D = diag(d)``
+    """Solve ``[[D, Jᵀ], [J, −μI]]·[dw; Λ] = [−g; −c]`` for a positive diagonal ``D = diag(d)``
     (``d`` a vector, or a number for ``D = d·I``).
 
-    ``system="reduced"``: ``(J·D⁻¹·Jᵀ)·Λ = c − J·D⁻¹·g`` and ``dw = −D⁻¹(g + JᵀΛ)``. The null space
-    of the full matrix is ``{0} × null(Jᵀ)``, so its minimum-length least-squares solution has
-    the same ``dw`` and ``Λ`` as the minimum-length least-squares solution of the reduced one,
-    also for a rank-deficient, inconsistent ``J``. ``system="full"``: Algorithm 1 with ``ηI``
-    replaced by ``D`` (Eq. 5, Eq. 12).
+    ``system="reduced"``: ``(J·D⁻¹·Jᵀ + μI)·Λ = c − J·D⁻¹·g`` and ``dw = −D⁻¹(g + JᵀΛ)``.
+    With ``μ = 0`` the null space of the full matrix is ``{0} × null(Jᵀ)``, so its
+    minimum-length least-squares solution has the same ``dw`` and ``Λ`` as the minimum-length
+    least-squares solution of the reduced one, also for a rank-deficient, inconsistent ``J``;
+    with ``μ > 0`` both are nonsingular. ``system="full"``: Algorithm 1 with ``ηI`` replaced by
+    ``D`` (Eq. 5, Eq. 12).
     """
     n_p = g.numel()
     if c.numel() == 0:  # no active constraint: dw = −D⁻¹g; the empty system's solve is trivial
@@ -451,20 +455,21 @@ def _solve_diagonal(
         return -g / d, lam, info
     if system == "reduced":
         try:
-            return _solve_reduced(d, g, lin, c, rtol, maxit)
+            return _solve_reduced(d, g, lin, c, mu, rtol, maxit)
         except _AdjointMismatchError:  # the R-op has switched to jvp: solve again from the start
-            return _solve_reduced(d, g, lin, c, rtol, maxit)
+            return _solve_reduced(d, g, lin, c, mu, rtol, maxit)
 
     def product(x: Tensor) -> Tensor:  # Algorithm 1
         x1, x2 = x[:n_p], x[n_p:]
-        return torch.cat([d * x1 + lin.lop(x2), lin.rop(x1)])
+        return torch.cat([d * x1 + lin.lop(x2), lin.rop(x1) - mu * x2])
 
     sol, info = _solve(product, torch.cat([-g, -c]), rtol, maxit)
     return sol[:n_p], sol[n_p:], info
 
 
 def _solve_gauss_newton(
-    eta: float, res: _Linearized, lin: _Linearized, c: Tensor, rtol: float, maxit: int | None
+    eta: float, res: _Linearized, lin: _Linearized, c: Tensor, mu: float, rtol: float,
+    maxit: int | None
 ) -> tuple[Tensor, Tensor, MinresQLPInfo]:
     """Eq. 6 with the products of Algorithm 2 (Márquez-Neila, Salzmann and Fua, 2017)."""
     g = res.lop(res.value)  # Jᵣᵀr
@@ -476,7 +481,7 @@ def _solve_gauss_newton(
         x1, x2 = x[:n_p], x[n_p:]
         jjv = res.lop(res.rop(x1))
         a = jjv + eta * x1 + lin.lop(x2) if lin.rows else jjv + eta * x1
-        return torch.cat([a, lin.rop(x1)]) if lin.rows else a
+        return torch.cat([a, lin.rop(x1) - mu * x2]) if lin.rows else a
 
     sol, info = _solve(product, torch.cat([-g, -c]), rtol, maxit)
     return sol[:n_p], sol[n_p:], info
@@ -503,6 +508,8 @@ def kkt_step(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     bias_correction: Literal["eq12", "adam"] = "eq12",
+    correction: float = 1.0,
+    regularization: float = 0.0,
 ) -> KKTStep:
     r"""One step of hard-constrained training: solve the KKT system at ``w`` for ``dw`` and ``Λ``.
 
@@ -564,6 +571,16 @@ def kkt_step(
         full for gauss-newton.
     betas, eps, bias_correction :
         Adam's hyper-parameters (``0 ≤ β < 1``, ``ε > 0``) and the choice of ``D`` above.
+    correction : float
+        ``α`` in (0, 1]: the right-hand side is ``−α·C`` instead of ``−C``, so the step removes
+        the share ``α`` of the linearized residual (the residual then decays like ``(1 − α)ᵏ``
+        over ``k`` steps instead of being met at once). 1 (default): the paper's systems.
+    regularization : float
+        ``μ ≥ 0``: the bottom-right block ``0`` becomes ``−μI`` (in the reduced system
+        ``J·D⁻¹·Jᵀ + μI``). The step then minimizes the model ``½dwᵀD·dw + gᵀdw +
+        ‖J·dw + αC‖²/(2μ)`` with ``Λ = (J·dw + αC)/μ``: a quadratic penalty of weight
+        ``1/μ`` on the linearized constraints, which bounds the step where ``J·D⁻¹·Jᵀ`` is
+        ill-conditioned. 0 (default): hard, the paper's systems.
 
     Returns
     -------
@@ -592,7 +609,12 @@ def kkt_step(
     ([0.5, 0.5], [-0.5])
     """
     _check_scalars(eta, method, rtol, maxit, system, betas, eps, bias_correction)
+    if not (0.0 < _real(correction) <= 1.0):
+        raise ValueError(f"correction must be a number in (0, 1], got {correction!r}")
+    if not (math.isfinite(_real(regularization)) and _real(regularization) >= 0):
+        raise ValueError(f"regularization must be a finite number >= 0, got {regularization!r}")
     eta, rtol = float(eta), float(rtol)
+    correction, regularization = float(correction), float(regularization)
     params, _ = _check_params(params)
     resolved = ("full" if method == "gauss-newton" else "reduced") if system == "auto" else system
     if method == "gauss-newton" and residuals is None:
@@ -608,12 +630,13 @@ def kkt_step(
     active = _active_rows(c_all, inequality)
     index = active.nonzero().reshape(-1)
     lin.restrict(index)
-    c = c_all[index]
+    c_target = correction * c_all[index]  # the share of C the step removes (1: all, Eq. 5)
 
     if method == "gauss-newton":
         res = _Linearized(residuals, params, "residuals")
         loss_value = 0.5 * float(res.value.pow(2).sum()) if loss is None else _scalar(loss, params)
-        dw, lam, info = _solve_gauss_newton(eta, res, lin, c, rtol, maxit)
+        dw, lam, info = _solve_gauss_newton(eta, res, lin, c_target, regularization, rtol,
+                                            maxit)
     else:
         grads, value = torch.func.grad_and_value(_scalar_fn(loss))(params)
         loss_value = float(value)
@@ -628,7 +651,8 @@ def kkt_step(
         else:
             g = _flatten(grads)
             d = eta  # D = ηI
-        dw, lam, info = _solve_diagonal(d, g, lin, c, resolved, rtol, maxit)
+        dw, lam, info = _solve_diagonal(d, g, lin, c_target, regularization, resolved, rtol,
+                                        maxit)
         if method == "adam":
             state.update(m=m, v=v, t=t + 1)
 

@@ -36,13 +36,20 @@ def _check_positive(value: object, message: str) -> None:
         raise ValueError(f"{message}: {value!r}")
 
 
-def _check_solver(rtol: object, maxit: object) -> None:
-    """The MINRES-QLP settings shared by the three optimizers."""
+def _check_solver(rtol: object, maxit: object, correction: object, regularization: object
+                  ) -> None:
+    """The MINRES-QLP and constraint-block settings shared by the three optimizers."""
     ok = not isinstance(rtol, bool) and isinstance(rtol, int | float)
     if not (ok and math.isfinite(rtol) and rtol >= 0):  # type: ignore[arg-type]
         raise ValueError(f"Invalid rtol (must be finite and >= 0): {rtol!r}")
     if maxit is not None and (isinstance(maxit, bool) or not isinstance(maxit, int) or maxit < 0):
         raise ValueError(f"Invalid maxit (must be None or an int >= 0): {maxit!r}")
+    ok = not isinstance(correction, bool) and isinstance(correction, int | float)
+    if not (ok and 0 < correction <= 1):  # type: ignore[operator]
+        raise ValueError(f"Invalid correction (must be in (0, 1]): {correction!r}")
+    ok = not isinstance(regularization, bool) and isinstance(regularization, int | float)
+    if not (ok and math.isfinite(regularization) and regularization >= 0):  # type: ignore[arg-type]
+        raise ValueError(f"Invalid regularization (must be finite and >= 0): {regularization!r}")
 
 
 class _HardOptimizer(torch.optim.Optimizer):
@@ -57,6 +64,11 @@ class _HardOptimizer(torch.optim.Optimizer):
         self._model = model
         self._names = [name for name, _ in named]
         super().__init__([p for _, p in named], defaults)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """``torch.optim.Optimizer``'s state plus the model, so that pickling and
+        ``copy.deepcopy`` keep a working optimizer."""
+        return {**super().__getstate__(), "_model": self._model, "_names": self._names}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Only the one group made from the model is supported; a second raises ValueError."""
@@ -85,10 +97,13 @@ class _HardOptimizer(torch.optim.Optimizer):
     def _solve(self, loss: Callable[[Net], Tensor] | None,
                constraints: Callable[[Net], Tensor] | None, inequality: bool | Tensor,
                **options: Any) -> KKTStep:
-        """:func:`kkt_step` at the current parameters with this group's ``rtol`` and ``maxit``."""
+        """:func:`kkt_step` at the current parameters with this group's ``rtol``, ``maxit``,
+        ``correction`` and ``regularization``."""
         group = self._group
         return kkt_step(self._named_params(), self._wrap(loss), self._wrap(constraints),
                         rtol=group["rtol"], maxit=group["maxit"], inequality=inequality,
+                        correction=group.get("correction", 1.0),
+                        regularization=group.get("regularization", 0.0),
                         **options)
 
     def _apply(self, result: KKTStep) -> KKTStep:
@@ -121,6 +136,9 @@ class HardSGD(_HardOptimizer):
         lr: learning rate, ``1/η`` (default 1e-2), > 0.
         rtol: MINRES-QLP's relative tolerance (default 1e-6).
         maxit: MINRES-QLP's iteration limit (default None: 4× the system size).
+        correction, regularization: ``α`` and ``μ`` of :func:`~ccnn.hard.kkt.kkt_step` (the
+            share of ``C`` removed per step, default 1; the block ``−μI``, default 0: the
+            paper's system).
 
     ``step(loss, constraints=None, *, inequality=False)`` takes ``loss(net) -> scalar`` and
     ``constraints(net) -> Tensor`` (any shape), where ``net(*args)`` evaluates the model at the
@@ -148,11 +166,13 @@ class HardSGD(_HardOptimizer):
     """
 
     def __init__(
-        self, model: nn.Module, lr: float = 1e-2, *, rtol: float = 1e-6, maxit: int | None = None
+        self, model: nn.Module, lr: float = 1e-2, *, rtol: float = 1e-6, maxit: int | None = None,
+        correction: float = 1.0, regularization: float = 0.0,
     ) -> None:
         _check_positive(lr, "Invalid learning rate")
-        _check_solver(rtol, maxit)
-        super().__init__(model, {"lr": lr, "rtol": rtol, "maxit": maxit})
+        _check_solver(rtol, maxit, correction, regularization)
+        super().__init__(model, {"lr": lr, "rtol": rtol, "maxit": maxit,
+                                 "correction": correction, "regularization": regularization})
 
     def step(  # type: ignore[override]
         self,
@@ -198,6 +218,9 @@ class HardAdam(_HardOptimizer):
         bias_correction: ``"eq12"`` (default) or ``"adam"``, as above.
         rtol: MINRES-QLP's relative tolerance (default 1e-6).
         maxit: MINRES-QLP's iteration limit (default None: 4× the system size).
+        correction, regularization: ``α`` and ``μ`` of :func:`~ccnn.hard.kkt.kkt_step` (the
+            share of ``C`` removed per step, default 1; the block ``−μI``, default 0: the
+            paper's system).
 
     ``step(loss, constraints=None, *, inequality=False)`` is as for :class:`HardSGD`.
 
@@ -227,6 +250,8 @@ class HardAdam(_HardOptimizer):
         bias_correction: Literal["eq12", "adam"] = "eq12",
         rtol: float = 1e-6,
         maxit: int | None = None,
+        correction: float = 1.0,
+        regularization: float = 0.0,
     ) -> None:
         _check_positive(lr, "Invalid learning rate")
         if not (isinstance(betas, tuple | list) and len(betas) == 2):
@@ -239,7 +264,7 @@ class HardAdam(_HardOptimizer):
             raise ValueError(
                 f"Invalid bias_correction (must be 'eq12' or 'adam'): {bias_correction!r}"
             )
-        _check_solver(rtol, maxit)
+        _check_solver(rtol, maxit, correction, regularization)
         defaults = {
             "lr": lr,
             "betas": tuple(betas),
@@ -247,6 +272,8 @@ class HardAdam(_HardOptimizer):
             "bias_correction": bias_correction,
             "rtol": rtol,
             "maxit": maxit,
+            "correction": correction,
+            "regularization": regularization,
         }
         super().__init__(model, defaults)
 
@@ -305,6 +332,9 @@ class HardGaussNewton(_HardOptimizer):
         damping: ``η`` > 0 (default 1.0).
         rtol: MINRES-QLP's relative tolerance (default 1e-6).
         maxit: MINRES-QLP's iteration limit (default None: 4× the system size).
+        correction, regularization: ``α`` and ``μ`` of :func:`~ccnn.hard.kkt.kkt_step` (the
+            share of ``C`` removed per step, default 1; the block ``−μI``, default 0: the
+            paper's system).
 
     ``step(residuals, constraints=None, *, loss=None, inequality=False)`` takes
     ``residuals(net) -> Tensor`` (``r``, any shape) and optionally ``loss(net)``, evaluated only
@@ -334,10 +364,13 @@ class HardGaussNewton(_HardOptimizer):
         *,
         rtol: float = 1e-6,
         maxit: int | None = None,
+        correction: float = 1.0,
+        regularization: float = 0.0,
     ) -> None:
         _check_positive(damping, "Invalid damping")
-        _check_solver(rtol, maxit)
-        super().__init__(model, {"damping": damping, "rtol": rtol, "maxit": maxit})
+        _check_solver(rtol, maxit, correction, regularization)
+        super().__init__(model, {"damping": damping, "rtol": rtol, "maxit": maxit,
+                                 "correction": correction, "regularization": regularization})
 
     def step(  # type: ignore[override]
         self,
