@@ -1,14 +1,15 @@
 """The ``ccnn`` command line.
 
 Subcommands:
-    demo      train full, mil, ccnn and ccnn-size on the synthetic default; print the table.
+    demo      train full, mil, ccnn and ccnn-size on the synthetic default; the table on test.
     train     train one method (weak labels or full supervision) on a dataset.
     pretrain  the small network's backbone on a shape classification set (ImageNet's stand-in).
-    evaluate  mIoU, per-class IoU and pixel accuracy of a checkpoint on a split.
+    evaluate  mIoU, per-class IoU and pixel accuracy of a checkpoint on a split (test).
     predict   colour PNG masks of a checkpoint's predictions for a folder of images.
     check     the P-step solvers against the CVXPY oracle on random small problems.
     pose      soft, Lagrangian and hard symmetry constraints on a 3D pose network.
     hypersphere  hard vs soft constraints on 200 nearly equal hyperspheres (Márquez-Neila et al.).
+    helmholtz  sine waves under the Helmholtz PDE constraint (Jergensen).
 """
 
 from __future__ import annotations
@@ -52,26 +53,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict(sub)
     _add_pose(sub)
     _add_hypersphere(sub)
+    _add_helmholtz(sub)
     return parser
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     """``ccnn train``: every option defaults to the preset's value (see ``ccnn.presets``)."""
-    from ccnn.constraints import BOUND_CONSTANTS
+    from ccnn.constraints import BOUND_CONSTANTS, SMALL_RULES
+    from ccnn.criteria import METHODS
     from ccnn.presets import PRESETS
-    from ccnn.train import METHODS
 
     p = sub.add_parser(
         "train", help="train one method on a dataset",
-        description="Train a segmentation network from image-level tags (ccnn, ccnn-size, mil) "
-                    "or masks (full). Unset options take the preset's values.")
+        description="Train a segmentation network from image-level tags (ccnn; ccnn-size: and "
+                    "one size bit per tagged class; ccnn-size-exact: and measured sizes; mil) or "
+                    "masks (full) on the train split, validating on val after every epoch. Unset "
+                    "options take the preset's values.")
     p.add_argument("--method", choices=METHODS, default="ccnn", help="default ccnn")
     p.add_argument("--preset", choices=tuple(PRESETS), default="synthetic",
                    help="settings to start from (default synthetic; voc and camvid carry "
                         "CCNN's constants)")
     p.add_argument("--data-root", default="data", help="folder of the datasets (default data/)")
     p.add_argument("--train-split", help="training split (voc: train or train_aug)")
-    p.add_argument("--val-split", help="validation split")
+    p.add_argument("--val-split", help="validation split (choosing settings)")
+    p.add_argument("--test-split", help="the split reports use (ccnn evaluate's default)")
     p.add_argument("--out", help="output folder (default runs/<preset>-<method>)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--model", help="small, vgg16-fcn, deeplab-resnet50 or deeplab-resnet101")
@@ -95,7 +100,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hardness", type=float, help="CCNN's hardness s of the P-step")
     p.add_argument("--bound", action="append", default=[], metavar="NAME=VALUE",
                    help="override one of the preset's constraint constants, e.g. bg_upper=0.6 "
-                        f"(repeatable; names: {', '.join(BOUND_CONSTANTS)})")
+                        f"(repeatable; names: {', '.join(BOUND_CONSTANTS)}; and small_rule="
+                        f"{' or '.join(SMALL_RULES)}: a tagged class under size_threshold is "
+                        "absent or at most the threshold, for ccnn-size)")
     p.add_argument("--crf", action=argparse.BooleanOptionalAction, default=None,
                    help="also report the final metrics after the dense CRF (synthetic: on)")
     p.add_argument("--refine-epochs", type=int, metavar="N",
@@ -106,6 +113,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                         "its own epochs (default: one schedule spans both stages)")
     p.add_argument("--train-size", type=int, help="synthetic: training images (1000)")
     p.add_argument("--val-size", type=int, help="synthetic: validation images (200)")
+    p.add_argument("--test-size", type=int, help="synthetic: test images (200)")
     p.add_argument("--seed", type=int, default=0, help="default 0")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--workers", dest="num_workers", type=int, help="data loading processes")
@@ -127,16 +135,19 @@ def _add_test_time_crf(p: argparse.ArgumentParser) -> None:
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo", help="the main job: four methods on the synthetic default",
-        description="Train full, mil, ccnn and ccnn-size on the synthetic default (9-10 minutes "
-                    "on two CPU cores) and print their validation mIoU.")
+        description="Train full, mil, ccnn and ccnn-size on the synthetic default (roughly 11 "
+                    "minutes on two CPU cores) and print their mIoU on the test split, before "
+                    "and after the refinement stage.")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--json", metavar="PATH", help="also write the table as JSON")
     p.add_argument("--seed", type=int, default=0, help="default 0")
     p.add_argument("--methods", default="full,mil,ccnn,ccnn-size",
-                   help="comma-separated methods (default all four)")
+                   help="comma-separated methods (default full,mil,ccnn,ccnn-size; also "
+                        "ccnn-size-exact)")
     p.add_argument("--epochs", type=int, help="override the preset's epochs")
     p.add_argument("--train-size", type=int, help="training images (default 1000)")
     p.add_argument("--val-size", type=int, help="validation images (default 200)")
+    p.add_argument("--test-size", type=int, help="test images, the table's (default 200)")
     p.add_argument("--no-pretrain", dest="pretrain", action="store_false",
                    help="start every method from random weights (no shared pretrained backbone)")
     _add_no_progress(p)
@@ -165,7 +176,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on a dataset split",
                        description="mIoU, per-class IoU and pixel accuracy at full resolution.")
     p.add_argument("checkpoint", help="a checkpoint.pt written by ccnn train")
-    p.add_argument("--split", help="dataset split (default the run's validation split)")
+    p.add_argument("--split", help="dataset split (default the run's test split; val for "
+                                   "choosing settings)")
     p.add_argument("--data-root", help="folder of the datasets (default the run's)")
     p.add_argument("--device", default="cpu")
     _add_test_time_crf(p)
@@ -211,6 +223,17 @@ def _add_pose(sub: argparse._SubParsersAction) -> None:
                    help=f"default {d.n_test}")
     p.add_argument("--pool-size", dest="n_pool", type=int, default=d.n_pool,
                    help=f"unlabeled constraint images (default {d.n_pool})")
+    p.add_argument("--persistent-correction", type=float, default=d.persistent_correction,
+                   help="share of the linearized violation each step of the persistent-pool "
+                        f"method removes, in (0, 1] (default {d.persistent_correction:g}; 1 is "
+                        "Eq. 5's full correction)")
+    p.add_argument("--persistent-base", choices=("sgd", "adam"), default=d.persistent_base,
+                   help=f"the persistent method's step: Eq. 5 or Eq. 10-12 (default "
+                        f"{d.persistent_base})")
+    p.add_argument("--adam-bias-correction", choices=("eq12", "adam"),
+                   default=d.adam_bias_correction,
+                   help="Hard-Adam's D: Eq. 12 as printed, or Adam's own bias correction "
+                        f"(default {d.adam_bias_correction})")
     p.add_argument("--h36m", metavar="NPZ", help="Human3.6M crops and joints (images (N,128,"
                    "128,3) uint8, joints (N,17,3)) instead of the synthetic data")
     p.add_argument("--h36m-units", choices=("mm", "m"), default=d.h36m_units,
@@ -251,6 +274,62 @@ def _add_hypersphere(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help=f"default {d.seed}")
     p.add_argument("--dtype", choices=("float32", "float64"), default=d.dtype,
                    help=f"default {d.dtype}")
+    _add_no_progress(p)
+
+
+def _add_helmholtz(sub: argparse._SubParsersAction) -> None:
+    from ccnn.helmholtz import METHODS, HelmholtzConfig
+
+    d = HelmholtzConfig()
+    p = sub.add_parser(
+        "helmholtz", help="sine waves under the Helmholtz PDE constraint (Jergensen)",
+        description="The toy of Jergensen (2019): a network of (x, A, k, phi) fits "
+                    "A sin(kx + phi) under u'' + k^2 u = 0. Trains unconstrained, soft, Tanabe's "
+                    "reduction and full versions and the projection after each epoch; writes "
+                    "Figs. 10-14 analogues to --out. With --timing: seconds per iteration "
+                    "against batch size, model size and constraints (Figs. 7-9).")
+    p.add_argument("--out", default="runs/helmholtz",
+                   help="folder for the figures (default runs/helmholtz)")
+    p.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
+    p.add_argument("--timing", action="store_true",
+                   help="run the timing study instead of training")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="comma-separated (default all)")
+    p.add_argument("--epochs", type=int, default=d.epochs, help=f"default {d.epochs}")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help=f"default {d.batch_size}")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"default {d.lr:g}")
+    p.add_argument("--optimizer", choices=("adam", "sgd"), default=d.optimizer,
+                   help=f"default {d.optimizer}")
+    p.add_argument("--width", type=int, default=d.width, help=f"default {d.width}")
+    p.add_argument("--depth", type=int, default=d.depth, help=f"default {d.depth}")
+    p.add_argument("--waves-per-axis", type=int, default=d.waves_per_axis,
+                   help=f"values of A, k and phi each (default {d.waves_per_axis})")
+    p.add_argument("--points", type=int, default=d.points,
+                   help=f"x values per wave (default {d.points})")
+    p.add_argument("--coupling", choices=("batch", "sample"), default=d.coupling,
+                   help=f"the full version's multiplier system (default {d.coupling})")
+    p.add_argument("--solver", choices=("auto", "dense", "minres_qlp"), default=d.solver,
+                   help=f"multiplier solver (default {d.solver})")
+    p.add_argument("--projection-max-steps", type=int, default=d.projection_max_steps,
+                   help=f"cap per projection (default {d.projection_max_steps})")
+    p.add_argument("--keep-data", default=",".join(d.keep_data),
+                   help="data-keeping projection variants of the final model, comma-separated "
+                        "from penalty,constraint; empty for none (default both)")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"default {d.seed}")
+    p.add_argument("--dtype", choices=("float32", "float64"), default=d.dtype,
+                   help=f"default {d.dtype}")
+    p.add_argument("--timing-batch-sizes", default="10,30,100,200",
+                   help="--timing: batch sizes of the sweep (default 10,30,100,200)")
+    p.add_argument("--timing-widths", default="5,8,11,16,23",
+                   help="--timing: widths of the model-size sweep (default 5,8,11,16,23)")
+    p.add_argument("--timing-constraints", default="1,2,4,8",
+                   help="--timing: constraint counts of the sweep (default 1,2,4,8)")
+    p.add_argument("--timing-steps", type=int, default=20,
+                   help="--timing: steps per measurement (default 20)")
+    p.add_argument("--timing-repeats", type=int, default=7,
+                   help="--timing: measurements per setting (default 7; twice that at "
+                        "batch 100, width 11, 1 constraint)")
     _add_no_progress(p)
 
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ccnn.constraints import BOUND_CONSTANTS
 from ccnn.presets import preset
 from ccnn.progress import on_terminal
 from ccnn.train import TrainConfig, train
@@ -17,8 +18,8 @@ __all__ = ["config_from_args", "main_demo", "main_evaluate", "main_hypersphere",
 # options of ``ccnn train`` that are fields of TrainConfig, taken when given on the command line
 _FIELDS = ("model", "backbone_weights", "epochs", "batch_size", "optimizer", "lr", "momentum",
            "weight_decay", "schedule", "crop", "scale", "flip", "p_method", "p_tol", "hardness",
-           "seed", "device", "num_workers", "data_root", "train_size", "val_size",
-           "train_split", "val_split", "crf", "refine_epochs", "refine_lr")
+           "seed", "device", "num_workers", "data_root", "train_size", "val_size", "test_size",
+           "train_split", "val_split", "test_split", "crf", "refine_epochs", "refine_lr")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -29,16 +30,22 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(method=args.method, **settings)
 
 
-def _parse_bounds(items: list[str]) -> dict[str, float]:
-    """``--bound NAME=VALUE`` options as a dict (names are checked by TrainConfig)."""
-    out = {}
+def _parse_bounds(items: list[str]) -> dict[str, float | str]:
+    """``--bound NAME=VALUE`` options as a dict (names are checked by TrainConfig): numbers, or
+    a word for ``small_rule``."""
+    out: dict[str, float | str] = {}
     for item in items:
         name, _, value = item.partition("=")
+        name = name.strip()
+        if name == "small_rule":
+            out[name] = value.strip()
+            continue
         try:
-            out[name.strip()] = float(value)
+            out[name] = float(value)
         except ValueError:
             raise ValueError(f"--bound {item!r}: expected NAME=VALUE with a number, "
-                             f"e.g. --bound bg_upper=0.6") from None
+                             f"e.g. --bound bg_upper=0.6 (names: {', '.join(BOUND_CONSTANTS)}; "
+                             f"small_rule=absent or at-most)") from None
     return out
 
 
@@ -47,29 +54,29 @@ def _stderr(message: str) -> None:
 
 
 def main_train(args: argparse.Namespace) -> int:
-    """``ccnn train``: one run; prints the final metrics and where the report is."""
+    """``ccnn train``: one run; prints the final validation metrics and where the report is."""
     cfg = config_from_args(args)
     out = Path(args.out or f"runs/{args.preset}-{args.method}")
-    summary = train(cfg, out, resume=args.resume, progress_bar=on_terminal(args.progress),
-                    log=_stderr)
+    summary = train(cfg, out, resume=args.resume, progress_bar=on_terminal(args.progress))
     crf = f" (with the dense CRF {summary['crf']['miou']:.4f})" if "crf" in summary else ""
-    print(f"{cfg.method}: mIoU {summary['miou']:.4f}{crf}, pixel accuracy "
+    print(f"{cfg.method} on {summary['split']}: mIoU {summary['miou']:.4f}{crf}, pixel accuracy "
           f"{summary['pixel_accuracy']:.4f}, {summary['seconds']:.0f} s; report in "
-          f"{out / 'report'}")
+          f"{out / 'report'}; on the test split: ccnn evaluate {out / 'checkpoint.pt'}")
     return 0
 
 
 def main_demo(args: argparse.Namespace) -> int:
-    """``ccnn demo``: the four methods on the synthetic default, as a table."""
+    """``ccnn demo``: the weak-label methods on the synthetic default, as a table (test split)."""
     from ccnn.demo import format_table, run_demo
     from ccnn.io import json_path, write_json
 
     out_json = json_path(args.json)  # checked before any training
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    sizes = {k: getattr(args, k) for k in ("train_size", "val_size") if getattr(args, k)}
+    sizes = {k: getattr(args, k) for k in ("train_size", "val_size", "test_size")
+             if getattr(args, k)}
     table = run_demo(args.out, seed=args.seed, methods=methods, epochs=args.epochs,
                      pretraining=args.pretrain, progress_bar=on_terminal(args.progress),
-                     log=_stderr, **sizes)
+                     **sizes)
     print(format_table(table))
     print(f"reports in {Path(args.out)}/<method>/report")
     if out_json is not None:
@@ -83,14 +90,14 @@ def main_pretrain(args: argparse.Namespace) -> int:
 
     fields = ("images", "epochs", "lr", "batch_size", "seed")
     cfg = PretrainConfig(**{k: getattr(args, k) for k in fields if getattr(args, k) is not None})
-    result = pretrain(cfg, args.out, progress_bar=on_terminal(args.progress), log=_stderr)
+    result = pretrain(cfg, args.out, progress_bar=on_terminal(args.progress))
     print(f"validation accuracy {result['accuracy']:.3f} after {result['seconds']:.1f} s; "
           f"weights in {result['path']} (ccnn train --backbone-weights {result['path']})")
     return 0
 
 
 def main_evaluate(args: argparse.Namespace) -> int:
-    """``ccnn evaluate``: metrics of a checkpoint, per class."""
+    """``ccnn evaluate``: metrics of a checkpoint, per class (by default on the test split)."""
     from ccnn.inference import evaluate_checkpoint
     from ccnn.io import json_path, write_json
 
@@ -137,6 +144,63 @@ def main_hypersphere(args: argparse.Namespace) -> int:
     return 0
 
 
+def main_helmholtz(args: argparse.Namespace) -> int:
+    """``ccnn helmholtz``: the sine-wave toy under the Helmholtz constraint, or its timing."""
+    from ccnn.helmholtz import HelmholtzConfig, run_helmholtz, run_timing
+    from ccnn.io import json_path, write_json
+
+    def _int_list(text: str, option: str) -> tuple[int, ...]:
+        try:
+            return tuple(int(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise ValueError(f"{option} must be comma-separated integers, got {text!r}") from None
+
+    out_json = json_path(args.json)
+    if args.timing:
+        result = run_timing(
+            Path(args.out), batch_sizes=_int_list(args.timing_batch_sizes, "--timing-batch-sizes"),
+            widths=_int_list(args.timing_widths, "--timing-widths"),
+            constraints=_int_list(args.timing_constraints, "--timing-constraints"),
+            batch_size=args.batch_size, width=args.width, steps=args.timing_steps,
+            repeats=args.timing_repeats, seed=args.seed, dtype=args.dtype, solver=args.solver,
+            progress=on_terminal(args.progress))
+        setting = result["setting"]
+        print(f"batch {setting['batch_size']}, {setting['parameters']} parameters, 1 constraint, "
+              f"{setting['threads']} thread(s)")
+        print(f"{'method':<14} {'ms/iter':>8} {'x unconstr.':>11} {'x bare':>7}")
+        for name, rec in result["methods"].items():
+            ratio = rec["ratio_to_unconstrained"]
+            print(f"{name:<14} {1e3 * rec['seconds_per_iter']:>8.2f} "
+                  f"{ratio if ratio is not None else float('nan'):>11.2f} "
+                  f"{rec['ratio_to_bare']:>7.2f}")
+    else:
+        methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        keep = tuple(k.strip() for k in args.keep_data.split(",") if k.strip())
+        fields = ("epochs", "batch_size", "lr", "optimizer", "width", "depth", "waves_per_axis",
+                  "points", "coupling", "solver", "projection_max_steps", "seed", "dtype")
+        cfg = HelmholtzConfig(methods=methods, keep_data=keep,
+                              **{k: getattr(args, k) for k in fields})
+        result = run_helmholtz(cfg, Path(args.out), progress=on_terminal(args.progress))
+        print(f"{'method':<14} {'data loss':>10} {'median |r|':>11} {'test MSE':>9} "
+              f"{'ms/iter':>8}")
+        for name, rec in result["methods"].items():
+            if "data_loss" not in rec:
+                continue
+            print(f"{name:<14} {rec['data_loss'][-1]:>10.4g} "
+                  f"{rec['residual_quantiles'][-1]['0.5']:>11.4g} {rec['test'][-1]['mse']:>9.4g} "
+                  f"{1e3 * rec['seconds_per_iter_mean']:>8.2f}")
+        for proj in result["methods"].get("projection", {}).get("projection", [])[-1:]:
+            after = proj["after"]
+            print(f"projection after epoch {proj['epoch']}: {after['steps']} steps, constraint "
+                  f"error {after['constraint_before']:.4g} -> {after['constraint_after']:.4g}, "
+                  f"test-wave MSE {proj['before']['projection_data']['mse']:.4g} -> "
+                  f"{after['projection_data']['mse']:.4g}")
+        print(f"figures in {args.out}; {result['seconds']:.0f} s")
+    if out_json is not None:
+        write_json(out_json, result)
+    return 0
+
+
 def main_pose(args: argparse.Namespace) -> int:
     """``ccnn pose``: every method on the pose-symmetry constraints; prints the table."""
     from ccnn.io import json_path, write_json
@@ -144,7 +208,8 @@ def main_pose(args: argparse.Namespace) -> int:
 
     out_json = json_path(args.json)
     fields = ("seed", "iterations", "pretrain_epochs", "n_train", "n_val", "n_test", "n_pool",
-              "h36m", "h36m_units")
+              "h36m", "h36m_units", "persistent_correction", "persistent_base",
+              "adam_bias_correction")
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     cfg = PoseConfig(methods=methods, **{k: getattr(args, k) for k in fields})
     result = run_pose(cfg, Path(args.out), progress=on_terminal(args.progress))

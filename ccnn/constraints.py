@@ -5,7 +5,8 @@ satisfy ``A·P ≥ b − ξ``.  Every constraint used here bounds a *fraction*: 
 pixels (or of a weighted region) that P gives to one class.  Two forms are provided:
 
 * :func:`tag_bounds` — whole-image bounds ``lower ≤ (1/N)·Σ_i P_i(l) ≤ upper`` per class, built from
-  tags with CCNN's constants (foreground, background, suppression, optional size information);
+  tags with CCNN's constants (foreground, background, suppression, optionally CCNN's one bit of
+  size information per class, :func:`size_bits`, or the measured sizes);
 * :class:`RegionConstraints` — the same bound on the P-mass of one class inside a pixel weight map
   (a bounding box, a region), ``lower ≤ Σ_i w_i·P_i(l) / Σ_i w_i ≤ upper``.
 
@@ -25,11 +26,14 @@ from torch import Tensor
 
 __all__ = [
     "BOUND_CONSTANTS",
+    "BOUND_OPTIONS",
+    "SMALL_RULES",
     "Bounds",
     "RegionConstraints",
     "bound_violation",
     "box_weights",
     "broadcast_bounds",
+    "size_bits",
     "tag_bounds",
 ]
 
@@ -66,11 +70,32 @@ def _tags_tensor(tags: Tensor | Sequence[Iterable[int]], num_classes: int | None
     return out
 
 
+def size_bits(sizes: Tensor, threshold: float) -> Tensor:
+    """CCNN's one bit of size information per class: ``sizes ≥ threshold`` as a ``(B, L)`` bool.
+
+    ``sizes[b, l]`` is the fraction of image ``b`` that class ``l`` covers.  Pathak, Krähenbühl
+    and Darrell (2015, §4) give their size constraints this one bit per tagged class, not the
+    size itself; :func:`tag_bounds` turns it into bounds (``large=``).
+    """
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"size_threshold={threshold} must lie in [0, 1]")
+    return sizes >= threshold
+
+
+def _size_input(value: Tensor, shape: tuple[int, int], name: str, device: torch.device
+                ) -> Tensor:
+    """``sizes`` or ``large`` checked against the tags' shape, on their device."""
+    if value.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(value.shape)}")
+    return value.to(device)
+
+
 def tag_bounds(
     tags: Tensor | Sequence[Iterable[int]],
     num_classes: int | None = None,
     *,
     sizes: Tensor | None = None,
+    large: Tensor | None = None,
     background: int | None = 0,
     fg_lower: float = 0.05,
     fg_slack: float = 2.0,
@@ -82,6 +107,7 @@ def tag_bounds(
     size_bg_lower: float = 0.2,
     size_bg_upper: float = 0.7,
     size_threshold: float = 0.1,
+    small_rule: str = "absent",
 ) -> Bounds:
     """CCNN's constraints from image-level tags (Pathak, Krähenbühl, Darrell 2015, Sec. 4).
 
@@ -93,17 +119,25 @@ def tag_bounds(
     * **background** — class ``background`` is always present, with ``lower = bg_lower`` and,
       only when some foreground tag is present, ``upper = bg_upper``; slack ``bg_slack``
       (CCNN's is hard);
-    * **size** (when ``sizes`` is given) — ``sizes[b, l]`` is the fraction of image ``b`` that class
-      ``l`` covers.  A tagged foreground class covering less than ``size_threshold`` is treated as
-      absent; the others get ``lower = max(size_fg_lower, size_fg_scale·sizes[b, l])`` (CCNN:
-      ``size_fg_lower`` alone, ``size_fg_scale = 0``) and the background range becomes
-      ``[size_bg_lower, size_bg_upper]``.
+    * **size** — with one bit per tagged class, ``large[b, l]``: does class ``l`` cover at least
+      ``size_threshold`` of image ``b`` (:func:`size_bits`; CCNN's size information).  A large
+      class gets ``lower = size_fg_lower``; a small one, by ``small_rule``, is treated as
+      absent (``"absent"``, CCNN's rule: ``upper = 0``) or kept with ``upper = size_threshold``
+      (``"at-most"``: present but at most the threshold, slack ``fg_slack``).  The background
+      range becomes ``[size_bg_lower, size_bg_upper]``, the upper bound only when a large class
+      is present.
+    * **measured sizes** — with ``sizes[b, l]``, the fraction of image ``b`` that class ``l``
+      covers, instead of the bit: the bit is ``sizes ≥ size_threshold`` and a large class gets
+      ``lower = max(size_fg_lower, size_fg_scale·sizes[b, l])`` — more supervision than CCNN's
+      one bit whenever ``size_fg_scale > 0`` (CCNN: ``size_fg_scale = 0``).
 
     Args:
         tags: ``(B, L)`` 0/1 tensor, or one iterable of class indices per image.
         num_classes: ``L``; required when ``tags`` are index lists, checked otherwise.
-        sizes: optional ``(B, L)`` class fractions in ``[0, 1]`` for the size constraints.
+        sizes: optional ``(B, L)`` class fractions in ``[0, 1]``.
+        large: optional ``(B, L)`` bool, the one-bit size cue (not with ``sizes``).
         background: index of the background class, or ``None`` when every class is foreground.
+        small_rule: ``"absent"`` or ``"at-most"``, for tagged classes under the threshold.
 
     Returns:
         :class:`Bounds` ``(lower, upper, slack)``, each ``(B, L)`` float64 on the tags' device.
@@ -123,32 +157,54 @@ def tag_bounds(
             raise ValueError(f"{name}={value} must be >= 0 (inf for a hard constraint)")
     if not 0.0 <= size_fg_scale < math.inf:
         raise ValueError(f"size_fg_scale={size_fg_scale} must be finite and >= 0")
+    if small_rule not in SMALL_RULES:
+        raise ValueError(f"small_rule={small_rule!r} must be one of {SMALL_RULES}")
+    if sizes is not None and large is not None:
+        raise ValueError("give sizes or large (the one-bit size cue), not both")
+    if large is not None and size_fg_scale != 0.0:
+        raise ValueError(f"size_fg_scale={size_fg_scale} needs the measured sizes; with the "
+                         f"one-bit cue (large) it must be 0")
     if sizes is not None:
-        sizes = sizes.to(device=present.device, dtype=torch.float64)
-        if sizes.shape != (B, L):
-            raise ValueError(f"sizes must have shape {(B, L)}, got {tuple(sizes.shape)}")
+        sizes = _size_input(sizes, (B, L), "sizes", present.device).to(torch.float64)
         if not bool(((sizes >= 0) & (sizes <= 1)).all()):
             raise ValueError("sizes must be class fractions in [0, 1]")
-        present = present & (sizes >= size_threshold)
-        fg_lower, bg_lower, bg_upper = size_fg_lower, size_bg_lower, size_bg_upper
+        large = size_bits(sizes, size_threshold)
+    elif large is not None:
+        large = _size_input(large, (B, L), "large", present.device)
+        if large.dtype != torch.bool:
+            if not bool(((large == 0) | (large == 1)).all()):
+                raise ValueError("large must be a bool or 0/1 tensor")
+            large = large.bool()
+    if large is not None:
+        bg_lower, bg_upper = size_bg_lower, size_bg_upper
     if bg_lower > bg_upper:
         raise ValueError(
             f"background bounds are crossed: bg_lower={bg_lower} > bg_upper={bg_upper}")
 
     opts = {"dtype": torch.float64, "device": present.device}
+
+    def const(value: float) -> Tensor:
+        return torch.tensor(value, **opts)
+
     foreground = present.clone()
     if background is not None:
         foreground[:, background] = False
         present[:, background] = True
-    def const(value: float) -> Tensor:
-        return torch.tensor(value, **opts)
-
+    small = torch.zeros_like(present)
     fg_floor = const(fg_lower)
-    if sizes is not None:
-        fg_floor = torch.maximum(fg_floor, size_fg_scale * sizes).clamp(max=1.0)
+    if large is not None:
+        small = foreground & ~large
+        foreground = foreground & large
+        fg_floor = const(size_fg_lower)
+        if sizes is not None:
+            fg_floor = torch.maximum(fg_floor, size_fg_scale * sizes).clamp(max=1.0)
+        if small_rule == "absent":  # CCNN: a class under the threshold is treated as absent
+            present = present & ~small
+            small = torch.zeros_like(small)
     lower = torch.where(foreground, fg_floor, const(0.0))
     upper = torch.where(present, const(1.0), const(0.0))
-    slack = torch.where(foreground, const(fg_slack), const(math.inf))
+    upper = torch.where(small, const(size_threshold), upper)
+    slack = torch.where(foreground | small, const(fg_slack), const(math.inf))
     if background is not None:
         lower[:, background] = bg_lower
         upper[:, background] = torch.where(foreground.any(dim=1), const(bg_upper), const(1.0))
@@ -156,10 +212,16 @@ def tag_bounds(
     return Bounds(lower, upper, slack)
 
 
+# The rules of :func:`tag_bounds` for a tagged class under the size threshold.
+SMALL_RULES: tuple[str, ...] = ("absent", "at-most")
+
+
 # The constants of :func:`tag_bounds` (CCNN's, by default) that a configuration may override.
 BOUND_CONSTANTS: tuple[str, ...] = tuple(
     name for name, p in inspect.signature(tag_bounds).parameters.items()
     if p.kind is inspect.Parameter.KEYWORD_ONLY and isinstance(p.default, float))
+# Everything a configuration's ``bounds`` may hold: the constants and the small-class rule.
+BOUND_OPTIONS: tuple[str, ...] = (*BOUND_CONSTANTS, "small_rule")
 
 
 def broadcast_bounds(value: Tensor | float, shape: tuple[int, ...], name: str, *,

@@ -8,14 +8,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader
 
 from ccnn.crf import CRFParams
 from ccnn.data.files import read_rgb
-from ccnn.data.transforms import collate
+from ccnn.engine import eval_loader, evaluate, predict_scores
 from ccnn.models import RandomWeightsWarning, build_model
 from ccnn.report import colorize
-from ccnn.train import TrainConfig, evaluate, predict_scores, split_dataset
+from ccnn.train import TrainConfig, split_dataset
 
 __all__ = ["IMAGE_SUFFIXES", "evaluate_checkpoint", "load_checkpoint", "predict_folder"]
 
@@ -41,17 +40,28 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[nn.Module, d
     return model.to(device).eval(), state
 
 
+def _current_config(config: dict) -> dict:
+    """A checkpoint's configuration in today's terms: until ``ccnn-size`` became CCNN's one-bit
+    size cue, the name meant measured sizes as lower bounds, now ``ccnn-size-exact``."""
+    if config.get("method") == "ccnn-size" and config.get("bounds", {}).get("size_fg_scale"):
+        return {**config, "method": "ccnn-size-exact"}
+    return config
+
+
 def evaluate_checkpoint(path: str | Path, *, split: str | None = None, data_root: str | None = None,
                         device: str = "cpu", batch_size: int | None = None,
                         crf: bool = False) -> dict:
-    """Metrics of a checkpoint on a split of the dataset it was trained on (``crf``: after the
-    dense CRF of :mod:`ccnn.crf`)."""
+    """Metrics of a checkpoint on a split of the dataset it was trained on: by default the
+    run's test split, where reports are made (``crf``: after the dense CRF of
+    :mod:`ccnn.crf`)."""
     model, state = load_checkpoint(path, device)
-    cfg = TrainConfig(**{**state["config"], **({"data_root": data_root} if data_root else {})})
-    split = split or cfg.val_split
-    size = {cfg.train_split: cfg.train_size, cfg.val_split: cfg.val_size}.get(split)
-    dataset = split_dataset(cfg, split, size)
-    loader = DataLoader(dataset, batch_size=batch_size or cfg.eval_batch_size, collate_fn=collate)
+    config = _current_config(state["config"])
+    cfg = TrainConfig(**{**config, **({"data_root": data_root} if data_root else {})})
+    split = split or cfg.test_split
+    sizes = {cfg.train_split: cfg.train_size, cfg.val_split: cfg.val_size,
+             cfg.test_split: cfg.test_size}
+    dataset = split_dataset(cfg, split, sizes.get(split))
+    loader = eval_loader(dataset, batch_size or cfg.eval_batch_size)
     metrics = evaluate(model, loader, state["num_classes"], torch.device(device),
                        crf=CRFParams() if crf else None)
     return {**metrics, "class_names": state["class_names"], "split": split,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,8 @@ from ccnn.constraints import RegionConstraints
 from ccnn.data.base import IGNORE_INDEX
 from ccnn.latent import METHODS, LatentResult, solve_latent
 
-__all__ = ["ConstrainedLoss", "mil_loss", "pixel_loss", "soft_cross_entropy"]
+__all__ = ["ConstrainedLoss", "ConstrainedOutput", "mil_loss", "pixel_loss",
+           "soft_cross_entropy"]
 
 
 def soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
@@ -32,11 +34,27 @@ def soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
     return -(target * torch.log_softmax(logits, dim=1)).sum(1).mean()
 
 
+class ConstrainedOutput(NamedTuple):
+    """What :class:`ConstrainedLoss` returns: the loss and the P-step behind it."""
+
+    loss: Tensor
+    latent: LatentResult
+    seconds: float  # wall time of the P-step (the device synchronised first on a GPU)
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work, so that wall time measures it (nothing on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class ConstrainedLoss(nn.Module):
     """CCNN's loss: cross-entropy between the latent P (solved without gradient) and Q.
 
     Each call solves the P-step (:func:`ccnn.latent.solve_latent`) on the detached logits at
-    the network's output resolution, then returns ``H(P, Q)`` averaged over pixels and images.
+    the network's output resolution, then returns ``H(P, Q)`` averaged over pixels and images,
+    together with the P-step's result and time (:class:`ConstrainedOutput`); the loss keeps no
+    state between calls.
 
     Args:
         method: P-step method, ``"newton"`` (default) or ``"pgd"``.
@@ -45,17 +63,13 @@ class ConstrainedLoss(nn.Module):
         hardness: CCNN's hardness ``s``: P = softmax(s·(f + Aᵀλ)).  1 for tags; CCNN uses 1000
             with size constraints, which makes P nearly a hard assignment.
 
-    Attributes:
-        last: the :class:`~ccnn.latent.LatentResult` of the latest call (for logging).
-        last_seconds: wall time of the latest P-step.
-
     Example:
         >>> from ccnn.constraints import tag_bounds
         >>> loss_fn = ConstrainedLoss()
         >>> logits = torch.randn(2, 4, 8, 8, requires_grad=True)
-        >>> loss = loss_fn(logits, *tag_bounds([[0, 1], [0, 3]], num_classes=4))
+        >>> loss, latent, seconds = loss_fn(logits, *tag_bounds([[0, 1], [0, 3]], num_classes=4))
         >>> loss.backward()
-        >>> bool(loss_fn.last.converged.all())
+        >>> bool(latent.converged.all())
         True
     """
 
@@ -67,8 +81,6 @@ class ConstrainedLoss(nn.Module):
         if not hardness > 0 or not math.isfinite(hardness):
             raise ValueError(f"hardness must be positive and finite, got {hardness}")
         self.method, self.tol, self.max_iter, self.hardness = method, tol, max_iter, hardness
-        self.last: LatentResult | None = None
-        self.last_seconds = 0.0
 
     @torch.no_grad()
     def latent(self, logits: Tensor, lower: Tensor | float, upper: Tensor | float,
@@ -83,20 +95,20 @@ class ConstrainedLoss(nn.Module):
             if regions is not None:
                 regions = RegionConstraints(regions.weights, regions.classes, regions.lower,
                                             regions.upper, s * regions.slack)
-        start = time.perf_counter()
-        result = solve_latent(s * logits.detach(), lower, upper, slack, regions=regions,
-                              method=self.method, tol=self.tol, max_iter=self.max_iter,
-                              init=init)
-        self.last_seconds = time.perf_counter() - start
-        self.last = result
-        return result
+        return solve_latent(s * logits.detach(), lower, upper, slack, regions=regions,
+                            method=self.method, tol=self.tol, max_iter=self.max_iter, init=init)
 
     def forward(self, logits: Tensor, lower: Tensor | float, upper: Tensor | float,
                 slack: Tensor | float = math.inf, *, regions: RegionConstraints | None = None,
-                init: Tensor | None = None) -> Tensor:
-        """``H(P, Q)`` for logits ``(B, L, H, W)`` and per-image bounds ``(B, L)``."""
-        P = self.latent(logits, lower, upper, slack, regions=regions, init=init).P
-        return soft_cross_entropy(logits, P)
+                init: Tensor | None = None) -> ConstrainedOutput:
+        """``H(P, Q)`` for logits ``(B, L, H, W)`` and per-image bounds ``(B, L)``, with the
+        P-step's result and its wall time."""
+        _synchronize(logits.device)
+        start = time.perf_counter()
+        latent = self.latent(logits, lower, upper, slack, regions=regions, init=init)
+        _synchronize(logits.device)
+        seconds = time.perf_counter() - start
+        return ConstrainedOutput(soft_cross_entropy(logits, latent.P), latent, seconds)
 
 
 def mil_loss(logits: Tensor, tags: Tensor) -> Tensor:

@@ -16,6 +16,7 @@ validation accuracy and the configuration.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,13 +27,22 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
 from ccnn.data.synthetic import SyntheticShapes
-from ccnn.data.transforms import augment, collate, normalize
+from ccnn.data.transforms import Augmentation, normalize
+from ccnn.engine import (
+    epoch_generator,
+    eval_loader,
+    lr_schedule,
+    seeded,
+    train_one_epoch,
+    training_loader,
+)
 from ccnn.io import atomic_save
 from ccnn.models import SmallSegNet
-from ccnn.progress import ProgressBar
-from ccnn.train import epoch_generator, poly
+from ccnn.progress import ProgressBar, on_terminal
 
-__all__ = ["PretrainConfig", "pretrain"]
+__all__ = ["PretrainConfig", "ShapeCriterion", "pretrain"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -63,7 +73,8 @@ class PretrainConfig:
 
 
 class _Classifier(nn.Module):
-    """The segmentation network's features, global average pooling and a linear layer."""
+    """The segmentation network's features, global average pooling and a linear layer
+    (on normalised images, as the segmentation network)."""
 
     def __init__(self, net: SmallSegNet, classes: int) -> None:
         super().__init__()
@@ -71,7 +82,7 @@ class _Classifier(nn.Module):
         self.head = nn.Linear(net.classifier.in_channels, classes)
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.head(self.features(normalize(images)).mean((2, 3)))
+        return self.head(self.features(images).mean((2, 3)))
 
 
 def _labels(batch: dict) -> Tensor:
@@ -79,58 +90,59 @@ def _labels(batch: dict) -> Tensor:
     return batch["sizes"][:, 1:].argmax(1)
 
 
+class ShapeCriterion:
+    """Softmax cross-entropy of the shape classifier with each single-object image's shape."""
+
+    def __call__(self, logits: Tensor, batch: dict) -> tuple[Tensor, dict]:
+        loss = nn.functional.cross_entropy(logits, _labels(batch).to(logits.device))
+        return loss, {"loss": float(loss.detach())}
+
+
 @torch.no_grad()
 def _accuracy(model: nn.Module, loader: DataLoader) -> float:
     model.eval()
     right = total = 0
     for batch in loader:
-        right += int((model(batch["image"]).argmax(1) == _labels(batch)).sum())
+        right += int((model(normalize(batch["image"])).argmax(1) == _labels(batch)).sum())
         total += len(batch["image"])
     return right / total
 
 
 def pretrain(cfg: PretrainConfig, out: str | Path, *, progress_bar: bool = True,
-             log: Callable[[str], None] = print) -> dict:
+             log: Callable[[str], None] | None = None) -> dict:
     """Train the small network's features to classify shapes; write them to ``out``.
 
-    Returns ``{"accuracy", "seconds", "path", "history"}`` (validation accuracy after each
-    epoch in ``history``).  Deterministic in ``cfg.seed`` on the CPU.
+    The epochs are :func:`ccnn.engine.train_one_epoch` with :class:`ShapeCriterion`, flips as
+    the segmentation runs have, and the poly schedule.  Returns ``{"accuracy", "seconds",
+    "path", "history"}`` (the mean training loss and the validation accuracy of each epoch in
+    ``history``).  Deterministic in ``cfg.seed`` on the CPU.
     """
+    log = log or logger.info
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     data = SyntheticShapes("pretrain", cfg.images + cfg.val_images, image_size=cfg.image_size,
                            max_objects=1, seed=cfg.seed)
     train_set = Subset(data, range(cfg.images))
-    val_loader = DataLoader(Subset(data, range(cfg.images, len(data))), batch_size=100,
-                            collate_fn=collate)
-    torch.manual_seed(cfg.seed)
-    model = _Classifier(SmallSegNet(SyntheticShapes.num_classes), len(data.class_names) - 1)
+    val_loader = eval_loader(Subset(data, range(cfg.images, len(data))), 100)
+    with seeded(cfg.seed):
+        model = _Classifier(SmallSegNet(SyntheticShapes.num_classes), len(data.class_names) - 1)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total = cfg.epochs * -(-cfg.images // cfg.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: poly(step, total))
+    steps_per_epoch = -(-cfg.images // cfg.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                  lr_schedule(steps_per_epoch, cfg.epochs))
+    criterion, augmentation, device = ShapeCriterion(), Augmentation(), torch.device("cpu")
     history = []
     for epoch in range(cfg.epochs):
-        generator = epoch_generator(cfg.seed, epoch)
-        loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True,
-                            generator=generator, collate_fn=list)
-        model.train()
-        seen, epoch_start = 0, time.perf_counter()
-        with ProgressBar(progress_bar, len(loader), f"pretrain {epoch + 1}/{cfg.epochs}") as bar:
-            for samples in loader:
-                batch = collate([augment(s, generator) for s in samples])
-                images = batch["image"]
-                loss = nn.functional.cross_entropy(model(images), _labels(batch))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                seen += len(images)
-                bar({"loss": loss.item(),
-                     "images_per_second": seen / (time.perf_counter() - epoch_start)})
+        loader = training_loader(train_set, cfg.batch_size, augmentation,
+                                 epoch_generator(cfg.seed, epoch))
+        title = f"pretrain {epoch + 1}/{cfg.epochs}"
+        with ProgressBar(on_terminal(progress_bar), len(loader), title) as bar:
+            stats = train_one_epoch(model, criterion, optimizer, scheduler, loader, device,
+                                    progress=bar)
         accuracy = _accuracy(model, val_loader)
-        history.append({"epoch": epoch + 1, "loss": loss.item(), "accuracy": accuracy})
-        log(f"pretrain epoch {epoch + 1}/{cfg.epochs}: loss {loss.item():.4f}, "
+        history.append({"epoch": epoch + 1, "loss": stats["loss"], "accuracy": accuracy})
+        log(f"pretrain epoch {epoch + 1}/{cfg.epochs}: loss {stats['loss']:.4f}, "
             f"val accuracy {accuracy:.3f}")
     state = {f"features.{k}": v for k, v in model.features.state_dict().items()}
     atomic_save({"state_dict": state, "head": model.head.state_dict(), "accuracy": accuracy,

@@ -10,11 +10,14 @@ epochs, :func:`pseudo_labels` gives each training image a label map:
 3. refined by the dense CRF (:mod:`ccnn.crf`, CCNN's test-time step);
 4. the argmax.
 
-The network then trains ``refine_epochs`` more epochs (:class:`ccnn.train.TrainConfig`) on its
-method's own loss plus the per-pixel cross-entropy with these maps: for ``ccnn`` and
-``ccnn-size`` the P-step's constraints keep acting, which stops the stage from teaching the
+:func:`label_images` labels a whole training set so; :class:`RelabelledDataset` serves it with
+these maps as masks.  The network then trains ``refine_epochs`` more epochs
+(:class:`ccnn.train.TrainConfig`) on its method's loss from the tags alone plus the per-pixel
+cross-entropy with these maps (:meth:`ccnn.criteria.Criterion.refinement`): for the CCNN
+methods the P-step's tag constraints keep acting, which stops the stage from teaching the
 network its own errors back (a class it mostly missed would otherwise vanish from its labels).
-Only the tags are used, so the stage stays weakly supervised.
+The size methods leave their size bounds out here: the stage uses the tags only, so it stays
+weakly supervised by the tags alone and is the same stage for every weak-label method.
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ccnn.crf import CRFParams, crf_refine
+from ccnn.engine import eval_loader, predict_logits
 
-__all__ = ["RelabelledDataset", "load_labels", "pseudo_labels", "restrict_to_tags"]
+__all__ = ["RelabelledDataset", "label_images", "load_labels", "pseudo_labels",
+           "restrict_to_tags"]
 
 _CRF = CRFParams()  # the test-time CRF's parameters
 # Scores of suppressed classes: exp() of it underflows to exactly zero in float32.
@@ -65,6 +70,23 @@ def pseudo_labels(scores: Tensor, images: Tensor, tags: Tensor, background: int 
     if crf is not None:
         restricted = crf_refine(images, restricted, crf)
     return restricted.argmax(1).to(torch.uint8)
+
+
+@torch.no_grad()
+def label_images(model: nn.Module, dataset: Dataset, device: torch.device, *, batch_size: int,
+                 num_workers: int = 0) -> dict[str, Tensor]:
+    """The label map ``(H, W)`` uint8 of every image of ``dataset`` by :func:`pseudo_labels`
+    on ``model``'s scores, by the image's ``name``."""
+    model.eval()
+    labels = {}
+    for batch in eval_loader(dataset, batch_size, num_workers=num_workers):
+        images = batch["image"].to(device)
+        maps = pseudo_labels(predict_logits(model, images), images, batch["tags"],
+                             dataset.background).cpu()
+        for name, (height, width), label in zip(batch["name"], batch["shape"], maps,
+                                                strict=True):
+            labels[name] = label[:height, :width].clone()
+    return labels
 
 
 def load_labels(path: Path) -> dict[str, Tensor]:

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ccnn.data.base import IGNORE_INDEX
+from ccnn.engine import predict_logits
 from ccnn.io import write_json
 
 __all__ = ["colorize", "overlay", "plot_comparison", "plot_curves", "write_report"]
@@ -45,13 +46,11 @@ def _mark_refinement(axes: Iterable, histories: Iterable[list[dict]]) -> None:
 
 def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
     """Training loss, the network's constraint violation and validation mIoU against epochs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no backend needed: the figure draws to its file
 
     epochs = [r["epoch"] + 1 for r in history]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    fig = Figure(figsize=(12, 3.2))
+    axes = fig.subplots(1, 3)
     for ax, key, label in zip(axes, ("loss", "violation", "val_miou"),
                               ("training loss", "constraint violation of Q", "validation mIoU"),
                               strict=True):
@@ -64,17 +63,14 @@ def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
         fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def plot_comparison(histories: dict[str, list[dict]], path: Path) -> None:
     """Validation mIoU and the network's constraint violation of several runs, per epoch."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    fig = Figure(figsize=(10, 3.4))
+    axes = fig.subplots(1, 2)
     for method, history in histories.items():
         epochs = [r["epoch"] + 1 for r in history]
         axes[0].plot(epochs, [r["val_miou"] for r in history], marker=".", label=method)
@@ -88,15 +84,12 @@ def plot_comparison(histories: dict[str, list[dict]], path: Path) -> None:
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 @torch.no_grad()
 def _overlay_grid(model: nn.Module, dataset: Dataset, count: int, device: torch.device
                   ) -> np.ndarray:
     """Rows of image | ground truth | prediction for the first ``count`` samples."""
-    from ccnn.train import predict_logits
-
     model.eval()
     rows = []
     for index in range(min(count, len(dataset))):
@@ -112,12 +105,13 @@ def _overlay_grid(model: nn.Module, dataset: Dataset, count: int, device: torch.
     return np.concatenate(rows, axis=0)
 
 
-def write_report(folder: Path, summary: dict, model: nn.Module, val_set: Dataset,
+def write_report(folder: Path, summary: dict, model: nn.Module, dataset: Dataset,
                  device: torch.device) -> None:
-    """``metrics.json``, ``curves.png`` and ``overlays.png`` (image | truth | prediction)."""
+    """``metrics.json``, ``curves.png`` and ``overlays.png`` (image | truth | prediction on the
+    first images of ``dataset``)."""
     write_json(folder / "metrics.json", summary)
     if summary["history"]:
         plot_curves(summary["history"], folder / "curves.png", title=summary["method"])
     count = summary["config"].get("overlays", 8)
     if count > 0:
-        Image.fromarray(_overlay_grid(model, val_set, count, device)).save(folder / "overlays.png")
+        Image.fromarray(_overlay_grid(model, dataset, count, device)).save(folder / "overlays.png")

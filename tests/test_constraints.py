@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ccnn.constraints import RegionConstraints, box_weights, tag_bounds
+from ccnn.constraints import RegionConstraints, box_weights, size_bits, tag_bounds
 
 INF = math.inf
 
@@ -59,6 +59,46 @@ def test_size_scale_asks_each_class_for_a_share_of_its_size():
     assert lower[0, 1] == 1.0  # a lower bound never exceeds the whole image
 
 
+def test_one_size_bit_with_ccnns_rule_small_means_absent():
+    # image 0: classes 1 and 3 large, class 2 tagged but small; image 1: only a small class
+    tags = torch.tensor([[1, 1, 1, 1, 0], [1, 0, 1, 0, 0]])
+    large = torch.tensor([[True, True, False, True, False], [False, False, False, False, False]])
+    lower, upper, slack = tag_bounds(tags, large=large)
+    # by hand, CCNN's constants: large ≥ 0.1 (slack 2), small suppressed (hard), background in
+    # [0.2, 0.7] with a large class, [0.2, 1] without one
+    assert lower.tolist() == [[0.2, 0.1, 0.0, 0.1, 0.0], [0.2, 0.0, 0.0, 0.0, 0.0]]
+    assert upper.tolist() == [[0.7, 1.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0]]
+    assert slack.tolist() == [[INF, 2.0, INF, 2.0, INF], [INF, INF, INF, INF, INF]]
+
+
+def test_one_size_bit_with_small_means_at_most_the_threshold():
+    tags = torch.tensor([[1, 1, 1, 1, 0], [1, 0, 1, 0, 0]])
+    large = torch.tensor([[1, 1, 0, 1, 0], [0, 0, 0, 0, 0]])
+    lower, upper, slack = tag_bounds(tags, large=large, small_rule="at-most", size_threshold=0.15,
+                                     size_fg_lower=0.25, fg_slack=3.0)
+    # by hand: the small class stays, at most 0.15 with the foreground slack; the background's
+    # upper bound needs a large class
+    assert lower.tolist() == [[0.2, 0.25, 0.0, 0.25, 0.0], [0.2, 0.0, 0.0, 0.0, 0.0]]
+    assert upper.tolist() == [[0.7, 1.0, 0.15, 1.0, 0.0], [1.0, 0.0, 0.15, 0.0, 0.0]]
+    assert slack.tolist() == [[INF, 3.0, 3.0, 3.0, INF], [INF, INF, 3.0, INF, INF]]
+
+
+def test_the_bit_is_the_size_against_the_threshold_and_nothing_more():
+    sizes = torch.tensor([[0.5, 0.3, 0.05, 0.15], [0.9, 0.0, 0.1, 0.0]])
+    assert size_bits(sizes, 0.1).tolist() == [[True, True, False, True], [True, False, True, False]]
+    tags = (sizes > 0).long()
+    # measured sizes with CCNN's rule (size_fg_scale 0) are the bit: the same bounds
+    one_bit = tag_bounds(tags, large=size_bits(sizes, 0.1))
+    measured = tag_bounds(tags, sizes=sizes)
+    for a, b in zip(one_bit, measured, strict=True):
+        assert torch.equal(a, b)
+    # other sizes with the same bits give the same bounds
+    other = tag_bounds(tags, large=size_bits(torch.tensor([[0.2, 0.9, 0.0, 0.4],
+                                                           [0.8, 0.0, 0.3, 0.0]]), 0.1))
+    for a, b in zip(one_bit, other, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_without_background_every_tag_is_foreground():
     lower, upper, _ = tag_bounds([[0, 1]], num_classes=3, background=None, fg_lower=0.2)
     assert lower.tolist() == [[0.2, 0.2, 0.0]]
@@ -89,6 +129,14 @@ def test_constants_are_keyword_arguments():
         (lambda: tag_bounds([[1]], num_classes=2, background=4), "background=4"),
         (lambda: tag_bounds([[1]], num_classes=2, sizes=torch.zeros(1, 3)), "sizes must have"),
         (lambda: tag_bounds([[1]], num_classes=2, sizes=torch.full((1, 2), 2.0)), "fractions"),
+        (lambda: tag_bounds([[1]], num_classes=2, sizes=torch.ones(1, 2) / 2,
+                            large=torch.ones(1, 2)), "not both"),
+        (lambda: tag_bounds([[1]], num_classes=2, large=torch.ones(1, 2), size_fg_scale=1.0),
+         "size_fg_scale=1.0 needs the measured sizes"),
+        (lambda: tag_bounds([[1]], num_classes=2, large=torch.ones(1, 3)), "large must have"),
+        (lambda: tag_bounds([[1]], num_classes=2, large=torch.full((1, 2), 2)), "bool or 0/1"),
+        (lambda: tag_bounds([[1]], num_classes=2, small_rule="tiny"), "small_rule='tiny'"),
+        (lambda: size_bits(torch.zeros(1, 2), 1.5), "size_threshold=1.5"),
     ],
 )
 def test_tag_bounds_reject_bad_input(call, match):

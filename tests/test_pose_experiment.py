@@ -25,7 +25,7 @@ from ccnn.pose.skeleton import symmetry_residuals
 
 TINY = {"n_train": 48, "n_val": 16, "n_test": 16, "n_pool": 48, "heldout": 8, "batch_size": 16,
         "mined": 4, "candidates": 16, "budget": 8, "pretrain_epochs": 2, "iterations": 3,
-        "eval_every": 2, "image_size": 32, "hidden": 32, "gn_maxit": 3}
+        "eval_every": 2, "image_size": 32, "hidden": 32, "gn_maxit": 3, "gn_batch": 8}
 
 
 @pytest.fixture(scope="module")
@@ -96,12 +96,14 @@ def test_unconstrained_model_is_the_best_validation_epoch() -> None:
     assert evaluate(model, data["val_x"], data["val_y"])["mean_joint_error"] == min(errors)
 
 
-@pytest.mark.parametrize("name", ["hard-sgd", "hard-adam", "hard-gn"])
+@pytest.mark.parametrize("name", ["hard-sgd", "hard-adam", "hard-gn", "hard-persistent"])
 def test_a_hard_step_meets_its_linearized_constraints(name: str) -> None:
     """On the real network: after one KKT step the mined samples' linearized residuals
-    ``C(w) + J·dw`` vanish (J·dw by forward-mode AD, independent of the solver's products)."""
+    ``C(w) + J·dw`` vanish (J·dw by forward-mode AD, independent of the solver's products);
+    the persistent method's step removes the share ``persistent_correction`` of them."""
     cfg = PoseConfig(**{**TINY, "rtol": 1e-12, "maxit": 500, "gn_maxit": 500,
-                        "lr": {"hard-sgd": 1e-3, "hard-adam": 1e-3}})
+                        "persistent_correction": 0.25,
+                        "lr": {"hard-sgd": 1e-3, "hard-adam": 1e-3, "hard-persistent": 1e-3}})
     data = load_data(cfg)
     torch.manual_seed(1)
     model = PoseNet(hidden=cfg.hidden, image_size=cfg.image_size).double()
@@ -117,7 +119,8 @@ def test_a_hard_step_meets_its_linearized_constraints(name: str) -> None:
     _Method(name, model, cfg).step(x, y, xc, torch.arange(4))
     dw = {k: v.detach() - w[k] for k, v in model.named_parameters()}
     _, J_dw = torch.func.jvp(residuals, (w,), (dw,))
-    assert float((C + J_dw).norm()) < 1e-6 * float(C.norm())
+    left = 0.75 * C if name == "hard-persistent" else torch.zeros_like(C)
+    assert float((C + J_dw - left).norm()) < 1e-6 * float(C.norm())
 
 
 @pytest.mark.parametrize(("changes", "message"), [
@@ -129,6 +132,10 @@ def test_a_hard_step_meets_its_linearized_constraints(name: str) -> None:
     ({"lr": {"hard-sgd": -1.0}}, "must be a positive number"),
     ({"methods": ("soft-adam", "nope")}, "unknown method 'nope'"),
     ({"soft_lambda": float("nan")}, "soft_lambda must be a non-negative number"),
+    ({"gn_batch": 17}, r"gn_batch \(17\) cannot exceed batch_size \(16\)"),
+    ({"persistent_correction": 0.0}, r"persistent_correction must be in \(0, 1\]"),
+    ({"persistent_base": "lbfgs"}, "persistent_base must be 'sgd' or 'adam'"),
+    ({"adam_bias_correction": "none"}, "adam_bias_correction must be 'eq12' or 'adam'"),
 ])
 def test_bad_settings_are_refused(changes: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -7,6 +7,7 @@ from torch.utils.data import DataLoader, Subset
 
 from ccnn.data.synthetic import SyntheticShapes
 from ccnn.data.transforms import collate, normalize
+from ccnn.engine import seeded
 from ccnn.models import SmallSegNet, build_model
 from ccnn.pretrain import PretrainConfig, pretrain
 
@@ -29,7 +30,9 @@ def training_loss(features: nn.Module, head: nn.Linear, cfg: PretrainConfig) -> 
 
 def test_pretraining_lowers_the_classification_loss_and_loads_into_the_network(tmp_path):
     cfg = PretrainConfig(epochs=4, lr=2e-3, **TINY)
+    rng_state = torch.get_rng_state()
     result = pretrain(cfg, tmp_path / "bb.pt", progress_bar=False, log=lambda m: None)
+    assert torch.equal(torch.get_rng_state(), rng_state)  # the global generator is untouched
     assert [h["epoch"] for h in result["history"]] == [1, 2, 3, 4]
     saved = torch.load(tmp_path / "bb.pt")
     head = nn.Linear(96, 5)
@@ -37,9 +40,9 @@ def test_pretraining_lowers_the_classification_loss_and_loads_into_the_network(t
     net = build_model("small", 6, backbone_weights=tmp_path / "bb.pt")
     for k, v in saved["state_dict"].items():
         assert torch.equal(net.state_dict()[k], v), k
-    torch.manual_seed(cfg.seed)  # the weights pretraining started from
-    start = SmallSegNet(6)
-    start_head = nn.Linear(96, 5)
+    with seeded(cfg.seed):  # the weights pretraining started from
+        start = SmallSegNet(6)
+        start_head = nn.Linear(96, 5)
     assert training_loss(net.features, head, cfg) < training_loss(start.features, start_head, cfg)
 
 
@@ -71,8 +74,12 @@ def test_command_line_writes_the_file_and_names_bad_settings(tmp_path, capsys):
     out = tmp_path / "bb.pt"
     assert main(["pretrain", "--out", str(out), "--images", "16", "--epochs", "1",
                  "--no-progress"]) == 0
-    assert f"weights in {out}" in capsys.readouterr().out
-    assert set(torch.load(out)) == {"state_dict", "head", "accuracy", "config"}
+    saved = torch.load(out)
+    assert set(saved) == {"state_dict", "head", "accuracy", "config"}
+    assert saved["config"]["images"] == 16 and saved["config"]["epochs"] == 1
+    printed = capsys.readouterr().out
+    assert f"validation accuracy {saved['accuracy']:.3f}" in printed  # the file's accuracy
+    assert f"weights in {out}" in printed
     assert main(["pretrain", "--out", str(tmp_path / "x.pt"), "--images", "0"]) == 2
     assert "pretrain images must be at least 1" in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists()

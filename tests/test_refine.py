@@ -11,10 +11,12 @@ from ccnn.cli import build_parser, main
 from ccnn.commands import config_from_args
 from ccnn.constraints import tag_bounds
 from ccnn.crf import CRFParams, crf_refine
+from ccnn.criteria import build_criterion
 from ccnn.data.synthetic import SyntheticShapes
-from ccnn.loss import ConstrainedLoss, pixel_loss
+from ccnn.inference import load_checkpoint
+from ccnn.latent import solve_latent
 from ccnn.refine import RelabelledDataset, pseudo_labels, restrict_to_tags
-from ccnn.train import REFINE_LABELS, Criterion, TrainConfig, lr_factor, train
+from ccnn.train import BEFORE_REFINE, REFINE_LABELS, TrainConfig, lr_factor, split_dataset, train
 
 TINY = {"model": "small", "lr": 3e-3, "optimizer": "adam", "train_size": 16, "val_size": 8,
         "batch_size": 8, "dataset_options": {"image_size": 32}, "overlays": 2}
@@ -49,20 +51,32 @@ def test_pseudo_labels_are_the_argmax_of_the_restricted_crf():
     expected[1, 2] = -1e9
     assert torch.equal(plain.long(), expected.argmax(1))
     refined = pseudo_labels(scores, images, tags, background=0)
-    allowed = crf_refine(images, restrict_to_tags(scores, tags, 0), CRFParams())
-    assert torch.equal(refined.long(), allowed.argmax(1))
+    # the CRF on the allowed classes' scores alone, then their indices: the suppressed classes
+    # have probability zero, so they neither win nor send messages
+    for b, allowed in enumerate(([0, 2], [0, 1, 3])):
+        alone = crf_refine(images[b:b + 1], scores[b:b + 1, allowed], CRFParams()).argmax(1)[0]
+        assert torch.equal(refined[b].long(), torch.tensor(allowed)[alone])
     assert set(refined[0].unique().tolist()) <= {0, 2} and 2 not in refined[1].unique().tolist()
 
 
-def test_refinement_loss_is_the_methods_loss_plus_the_labels_cross_entropy():
-    torch.manual_seed(2)
-    logits = torch.randn(2, 3, 4, 4, dtype=torch.float64)
-    batch = {"tags": torch.tensor([[1, 1, 0], [1, 0, 1]]), "sizes": torch.zeros(2, 3),
-             "mask": torch.randint(0, 3, (2, 8, 8))}
-    loss, stats = Criterion("ccnn", 3, 0, pixel_targets=True)(logits, batch)
-    expected = ConstrainedLoss()(logits, *tag_bounds(batch["tags"], 3)) \
-        + pixel_loss(logits, batch["mask"])
-    torch.testing.assert_close(loss, expected)
+@pytest.mark.parametrize("method", ["ccnn", "ccnn-size", "ccnn-size-exact"])
+def test_the_refinement_gradient_is_the_tag_p_steps_plus_the_labels(method):
+    """d loss / d logits = (Q − P)/(B·N) with P from the *tag* bounds (sizes never reach the
+    stage), plus (Q − onehot(label))/(labelled pixels) from the labels' cross-entropy."""
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=g).requires_grad_()
+    mask = torch.randint(0, 3, (2, 4, 4), generator=g)
+    mask[0, 0, :2] = 255  # void: no cross-entropy there
+    batch = {"tags": torch.tensor([[1, 1, 0], [1, 0, 1]]), "mask": mask,
+             "sizes": torch.tensor([[0.95, 0.05, 0.0], [0.9, 0.0, 0.1]])}  # small classes
+    loss, stats = build_criterion(method, 3, 0).refinement()(logits, batch)
+    loss.backward()
+    Q = torch.softmax(logits.detach(), 1)
+    P = solve_latent(logits.detach(), *tag_bounds(batch["tags"], 3)).P
+    onehot = torch.nn.functional.one_hot(mask.clamp(max=2), 3).permute(0, 3, 1, 2).double()
+    labelled = (mask != 255)[:, None]
+    expected = (Q - P) / (2 * 16) + (Q - onehot) * labelled / labelled.sum()
+    torch.testing.assert_close(logits.grad, expected, atol=1e-9, rtol=0)
     assert stats["p_seconds"] > 0
 
 
@@ -79,7 +93,7 @@ def test_relabelled_dataset_swaps_the_masks_only():
         RelabelledDataset(data, {})[0]
 
 
-def test_refinement_stage_trains_on_tag_restricted_labels(tmp_path):
+def test_refinement_stage_trains_on_tag_restricted_labels(tmp_path, miou_of):
     cfg = TrainConfig(method="ccnn", epochs=2, refine_epochs=1, **TINY)
     summary = train(cfg, tmp_path, report=False, progress_bar=False, log=_quiet)
     stages = [r["stage"] for r in summary["history"]]
@@ -95,6 +109,9 @@ def test_refinement_stage_trains_on_tag_restricted_labels(tmp_path):
         assert present <= allowed, data[i]["name"]
     logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in logged] == stages
+    # the P/Q stage's last checkpoint is kept: its validation mIoU is the one logged then
+    before = load_checkpoint(tmp_path / BEFORE_REFINE)[0]
+    assert logged[1]["val_miou"] == pytest.approx(miou_of(before, split_dataset(cfg, "val", 8)))
 
 
 class _StopError(Exception):
@@ -152,6 +169,8 @@ def test_the_logged_learning_rate_restarts_with_the_refinement_stage(tmp_path):
 def test_refinement_is_refused_for_full_and_negative_epochs():
     with pytest.raises(ValueError, match="full trains on the masks"):
         TrainConfig(method="full", refine_epochs=1)
+    with pytest.raises(ValueError, match="full trains on the masks"):
+        build_criterion("full", 3, 0).refinement()
     with pytest.raises(ValueError, match="refine_epochs must be >= 0"):
         TrainConfig(method="ccnn", refine_epochs=-1)
     with pytest.raises(ValueError, match="refine_lr must be positive"):

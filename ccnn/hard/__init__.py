@@ -29,6 +29,7 @@ from ccnn.hard.kkt import KKTStep, kkt_step
 from ccnn.hard.minres_qlp import Flag, MinresQLPInfo, minres_qlp
 from ccnn.hard.optim import HardAdam, HardGaussNewton, HardSGD
 from ccnn.hard.penalties import DualAscent, IndexedMultipliers, lagrangian, soft_penalty
+from ccnn.hard.posthoc import Projection, ProjectionReport, constraint_error, nonlinear_projection
 from ccnn.hard.projections import (
     Projected,
     dykstra,
@@ -40,6 +41,7 @@ from ccnn.hard.projections import (
     project_simplex,
 )
 from ccnn.hard.reparam import Box, Positive, Simplex
+from ccnn.hard.tanabe import Tanabe, TanabeStep, huber, input_derivatives, tanabe_multipliers
 
 __all__ = [
     "ActiveSet",
@@ -56,13 +58,21 @@ __all__ = [
     "PersistentActive",
     "Positive",
     "Projected",
+    "Projection",
+    "ProjectionReport",
     "RandomActive",
     "Simplex",
+    "Tanabe",
+    "TanabeStep",
+    "constraint_error",
     "dykstra",
+    "huber",
+    "input_derivatives",
     "kkt_step",
     "lagrangian",
     "median_violation",
     "minres_qlp",
+    "nonlinear_projection",
     "project_affine",
     "project_box",
     "project_l1_ball",
@@ -70,4 +80,5 @@ __all__ = [
     "project_nonnegative",
     "project_simplex",
     "soft_penalty",
+    "tanabe_multipliers",
 ]

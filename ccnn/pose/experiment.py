@@ -92,8 +92,17 @@ class PoseConfig:
         augmented: the Lagrangian adds (ρ/2)·Σ C².
         budget, tol: the persistent pool's most samples and the median |C| that counts as met.
         rtol, maxit: MINRES-QLP's tolerance and iteration limit in each KKT step.
-        gn_maxit: the iteration limit of Gauss-Newton's solves (each of its products runs
-            through the whole labelled batch).
+        gn_maxit: the iteration limit of Gauss-Newton's solves.
+        gn_batch: labelled samples of each batch whose residuals form Gauss-Newton's
+            ``JᵣᵀJᵣ`` (each of its products runs through them; the rest of the batch is not
+            used by that method).
+        persistent_correction: ``α`` of the persistent method's steps, the share of the
+            linearized violation each step removes (:func:`ccnn.hard.kkt.kkt_step`; the other
+            hard methods take the paper's 1).
+        adam_bias_correction: ``"eq12"`` (as printed) or ``"adam"`` for the Adam-based hard
+            steps (:class:`ccnn.hard.HardAdam`).
+        persistent_base: the step of the persistent-pool method: ``"sgd"`` (Eq. 5) or
+            ``"adam"`` (Eq. 10-12).
         distinct_sides: right limbs drawn darker, so left and right can be told apart
             (docs/pose_data.md: with one colour a pose and its left/right, depth-mirrored twin
             draw the same image).
@@ -121,7 +130,7 @@ class PoseConfig:
     pretrain_epochs: int = 6
     pretrain_lr: float = 1e-3
     iterations: int = 30
-    eval_every: int = 5
+    eval_every: int = 10
     soft_lambda: float = 1.0
     lr: dict[str, float] = field(default_factory=lambda: {
         "soft-sgd": 1e-5, "soft-adam": 1e-4, "lagrangian": 1e-4, "hard-sgd": 1e-3,
@@ -134,6 +143,10 @@ class PoseConfig:
     rtol: float = 1e-4
     maxit: int | None = 20
     gn_maxit: int = 5
+    gn_batch: int = 32
+    persistent_correction: float = 0.2
+    adam_bias_correction: str = "eq12"
+    persistent_base: str = "sgd"
     distinct_sides: bool = True
     relative: bool = True
     image_size: int = 128
@@ -145,13 +158,16 @@ class PoseConfig:
     def __post_init__(self) -> None:
         for name in ("n_train", "n_val", "n_test", "n_pool", "heldout", "batch_size", "mined",
                      "candidates", "pretrain_epochs", "iterations", "eval_every", "budget",
-                     "gn_maxit", "image_size", "hidden"):
+                     "gn_maxit", "gn_batch", "image_size", "hidden"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.mined > self.candidates or self.candidates > self.n_pool:
             raise ValueError(f"need mined <= candidates <= n_pool, got {self.mined}, "
                              f"{self.candidates}, {self.n_pool}")
+        if self.gn_batch > self.batch_size:
+            raise ValueError(f"gn_batch ({self.gn_batch}) cannot exceed batch_size "
+                             f"({self.batch_size})")
         if self.budget < self.mined:
             raise ValueError(f"budget ({self.budget}) must be at least mined ({self.mined})")
         if self.heldout > self.n_val:
@@ -162,6 +178,15 @@ class PoseConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a non-negative number, got {value}")
+        if not 0 < self.persistent_correction <= 1:
+            raise ValueError(f"persistent_correction must be in (0, 1], got "
+                             f"{self.persistent_correction}")
+        if self.adam_bias_correction not in ("eq12", "adam"):
+            raise ValueError(f"adam_bias_correction must be 'eq12' or 'adam', got "
+                             f"{self.adam_bias_correction!r}")
+        if self.persistent_base not in ("sgd", "adam"):
+            raise ValueError(f"persistent_base must be 'sgd' or 'adam', got "
+                             f"{self.persistent_base!r}")
         for method, value in self.lr.items():
             if method not in METHODS:
                 raise ValueError(f"lr: unknown method {method!r}")
@@ -226,15 +251,19 @@ class _Method:
     def __init__(self, name: str, model: nn.Module, cfg: PoseConfig) -> None:
         self.name, self.model, self.cfg = name, model, cfg
         lr = cfg.lr.get(name)
+        alpha = cfg.persistent_correction if name == "hard-persistent" else 1.0
         self.multipliers = self.dual = None
         if name == "soft-sgd":
             self.optimizer = torch.optim.SGD(model.parameters(), lr=lr)
         elif name in ("soft-adam", "lagrangian"):
             self.optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-        elif name in ("hard-sgd", "hard-persistent"):
-            self.optimizer = HardSGD(model, lr=lr, rtol=cfg.rtol, maxit=cfg.maxit)
-        elif name == "hard-adam":
-            self.optimizer = HardAdam(model, lr=lr, rtol=cfg.rtol, maxit=cfg.maxit)
+        elif name == "hard-sgd" or (name == "hard-persistent" and cfg.persistent_base == "sgd"):
+            self.optimizer = HardSGD(model, lr=lr, rtol=cfg.rtol, maxit=cfg.maxit,
+                                     correction=alpha)
+        elif name in ("hard-adam", "hard-persistent"):
+            self.optimizer = HardAdam(model, lr=lr, rtol=cfg.rtol, maxit=cfg.maxit,
+                                      bias_correction=cfg.adam_bias_correction,
+                                      correction=alpha)
         else:
             self.optimizer = HardGaussNewton(model, damping=cfg.gn_damping, rtol=cfg.rtol,
                                              maxit=cfg.gn_maxit)
@@ -255,10 +284,11 @@ class _Method:
                 return pose_loss(net(x), y)
 
             if self.name == "hard-gn":
-                scale = math.sqrt(2.0 / y.numel())  # ½‖r‖² = Eq. 14's mean squared error
+                xg, yg = x[:cfg.gn_batch], y[:cfg.gn_batch]
+                scale = math.sqrt(2.0 / yg.numel())  # ½‖r‖² = Eq. 14's mean squared error
 
                 def residuals(net: Callable) -> Tensor:
-                    return (net(x) - y).reshape(-1) * scale
+                    return (net(xg) - yg).reshape(-1) * scale
 
                 result = self.optimizer.step(residuals, constraints, loss=loss)
             else:

@@ -1,0 +1,651 @@
+"""Tanabe's constrained backpropagation: a loss whose gradient step follows Tanabe's dynamics.
+
+Jergensen, "Neural network optimization under PDE constraints" (2019), Eq. 2-6, after Tanabe, "A
+geometric method in nonlinear programming" (1980). For a loss ``f(θ)`` and equality constraints
+``g(θ) = 0`` (``g ∈ R^M``, Jacobian ``J = ∂g/∂θ``, ``M × N``) the dynamical system
+
+.. code-block:: text
+
+    θ̇ = −(I − J⁺J)∇f − J⁺g = −∇f − Jᵀ Λ,     (J Jᵀ) Λ = −J ∇f + g           (Eq. 2-3)
+
+projects the gradient of ``f`` onto the tangent space of the constraint surface and adds a
+correction along ``Jᵀ`` such that ``ġ = J θ̇ = −g``: the residual decays as ``g(t) = g(0)·e^{−t}``.
+Its forward-Euler step with step size ``η`` is plain gradient descent on
+
+.. code-block:: text
+
+    L(θ) = f(θ) + Σ_i nograd(λ_i) · g_i(θ),    λ = Λ(θ)                        (Eq. 4)
+
+so that ``∇L = ∇f + JᵀΛ = −Ψ(θ)``. Sign convention (checked against the paper, and by the proof in
+its appendix): ``Λ = (JJᵀ)⁻¹(−J∇f + g)`` exactly as printed in Eq. 3-5; then
+``J θ̇ = −J∇f − (−J∇f + g) = −g``. (The last term of the paper's Eq. 2, printed ``−J(g)·g``, must
+read ``−J(g)⁺·g``, as in the appendix.) With plain SGD of learning rate ``η`` the residual shrinks
+by ``(1 − η)`` per step to first order; adaptive optimisers (Adam) rescale the step and void that
+guarantee.
+
+Two versions (Jergensen §"Constrained optimization", minibatches):
+
+``version="full"``
+    one multiplier per sample and constraint, ``L = (1/B) Σ_i [f_i + Σ_j λ_ij g_ij]`` (Eq. 9).
+    ``coupling="batch"`` (default) solves one system over all ``B·M`` residuals of the batch: the
+    stacked vector ``G = (g_1, …, g_B)`` with Jacobian ``J_G`` (rows: per-sample gradients) and
+    ``f̄ = (1/B) Σ f_i`` give ``(J_G J_Gᵀ) Λ = −J_G ∇f̄ + G`` and ``λ = B·Λ``; this is Tanabe's
+    dynamics for the minibatch, so every per-sample residual decays as ``e^{−t}``.
+    ``coupling="sample"`` is Eq. 5 as printed: ``B`` independent ``M × M`` systems
+    ``(J_i J_iᵀ) λ_i = −J_i ∇f_i + g_i``, each sample's multipliers from its own gradients (a
+    block-diagonal approximation: the averaged step does not give ``ġ_i = −g_i`` exactly).
+``version="reduction"``
+    one set of ``M`` multipliers for a batch-wise reduction ``g̃_j = Reduce_i g_ij`` (mean squared
+    residual, or the mean Huber error the paper used), ``L = f̄ + Σ_j λ̃_j g̃_j`` (Eq. 6, 10).
+
+The Jacobians. The reduction version takes ``1 + M'`` backward passes through the batch's graph
+(``∇f̄`` and each ``∇g̃_j``). The full version forms per-sample Jacobians with
+:func:`torch.func.vmap` over :func:`torch.func.jacrev` (any model whose samples are independent),
+or, with ``batched_params=True``, from one forward and one backward pass: the model must then
+accept parameters with a leading dimension ``G`` (copies) and split the rows of its input into
+``G`` equal consecutive groups, group ``i`` using copy ``i`` (:class:`ccnn.helmholtz.HelmholtzNet`
+does; ``torch.nn.Linear`` does not). The batch is repeated ``1 + M`` times with one parameter copy
+per row, and the gradient of ``Σ_i f_i`` (first repetition) plus ``Σ_i g_ij`` (repetition
+``j + 1``) with respect to the copies holds every per-sample ``∇f_i`` and ``∇g_ij``. On small
+networks, where each operation's fixed cost dominates, this is faster than ``vmap`` (measured in
+docs/helmholtz.md).
+
+The multiplier systems are small (``B·M × B·M`` at most), so they are formed densely from those
+Jacobians in ``solve_dtype`` and solved by a dense factorization up to ``dense_max`` unknowns
+(measured faster there than MINRES-QLP on these ill-conditioned Gram matrices, see
+docs/helmholtz.md) and by MINRES-QLP (Choi, Paige and Saunders 2011) above, warm-started from the
+previous step's ``Λ``; both give the minimum-length solution when ``J`` is rank-deficient. The
+returned loss carries the gradient computed once from those Jacobians: its ``backward()`` only
+writes ``∇f̄ + Σ λ ∇g`` into the parameters' ``.grad``, so any optimizer can take the step.
+
+Constraints on derivatives of the network with respect to its inputs (PDE residuals) work as long
+as ``fn`` computes them with :mod:`torch.func` (e.g. :func:`input_derivatives`) or with plain
+differentiable torch code (Taylor-mode propagation); ``torch.autograd.grad`` with
+``create_graph=True`` works except inside ``vmap`` (the default full version).
+
+>>> import torch
+>>> model = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+>>> x = torch.randn(16, 2, generator=torch.Generator().manual_seed(0))
+>>> def fn(net, x):                       # per-sample loss u², constraint u(x) = x₀
+...     u = net(x)[:, 0]
+...     return u.square(), u - x[:, 0]
+>>> tanabe = Tanabe(model, version="full")
+>>> opt = torch.optim.SGD(model.parameters(), lr=0.1)    # forward Euler, η = 0.1
+>>> g0 = (model(x)[:, 0] - x[:, 0]).abs().max()
+>>> for _ in range(30):
+...     opt.zero_grad()
+...     step = tanabe(fn, x)
+...     step.loss.backward()
+...     opt.step()
+>>> g30 = (model(x)[:, 0] - x[:, 0]).abs().max()
+>>> bool(g30 < 0.1 * g0)                  # ≈ (1 − η)³⁰ ≈ 0.04
+True
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jacrev, jvp, vmap
+
+from ccnn.hard.minres_qlp import MinresQLPInfo, minres_qlp
+
+__all__ = [
+    "Tanabe",
+    "TanabeStep",
+    "huber",
+    "input_derivatives",
+    "tanabe_multipliers",
+]
+
+logger = logging.getLogger(__name__)
+
+Version = Literal["full", "reduction"]
+Coupling = Literal["batch", "sample"]
+Solver = Literal["minres_qlp", "dense", "auto"]
+Reduction = Literal["mse", "huber"] | Callable[[Tensor], Tensor]
+StepFn = Callable[..., tuple[Tensor, Tensor]]
+
+_VERSIONS = ("full", "reduction")
+_COUPLINGS = ("batch", "sample")
+_SOLVERS = ("minres_qlp", "dense", "auto")
+_REDUCTIONS = ("mse", "huber")
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+
+def huber(r: Tensor, delta: float = 1.0) -> Tensor:
+    """Huber's error ``½r²`` for ``|r| ≤ δ``, ``δ(|r| − ½δ)`` beyond (Huber 1964), elementwise.
+
+    Zero only where ``r = 0``, so its batch mean is a valid reduction for Eq. 6 of Jergensen (2019).
+    """
+    a = r.abs()
+    return torch.where(a <= delta, 0.5 * r * r, delta * (a - 0.5 * delta))
+
+
+def input_derivatives(
+    fn: Callable[[Tensor], Tensor], x: Tensor, direction: Tensor, order: int = 2
+) -> tuple[Tensor, ...]:
+    """``(fn(x), D_v fn(x), …, D_v^order fn(x))``: directional derivatives by nested ``jvp``.
+
+    ``direction`` ``v`` has ``x``'s shape. For a batched ``fn`` whose output rows depend only on the
+    same rows of ``x`` (no batch coupling: no BatchNorm in training mode) and ``v`` = a unit
+    vector in each row, these are the per-sample derivatives along that input coordinate, e.g.
+    ``u''(x)`` of a PDE residual. Nested :func:`torch.func.jvp` (forward over forward), so the
+    result is differentiable with respect to parameters by autograd and under
+    :func:`torch.func.vmap` / :func:`torch.func.grad`. Activations need forward-mode derivatives
+    of their derivatives: ``torch.nn.functional.silu`` lacks a second-order forward rule in
+    PyTorch 2.x; write Swish as ``x * torch.sigmoid(x)``.
+
+    >>> x = torch.tensor([[0.5], [1.0]])
+    >>> u, du, d2u = input_derivatives(torch.sin, x, torch.ones_like(x))
+    >>> torch.allclose(d2u, -torch.sin(x))
+    True
+    """
+    if isinstance(order, bool) or not isinstance(order, int) or order < 0:
+        raise ValueError(f"order must be a non-negative int, got {order!r}")
+    if not isinstance(direction, Tensor) or direction.shape != x.shape:
+        shape = tuple(direction.shape) if isinstance(direction, Tensor) else direction
+        raise ValueError(f"direction must be a tensor shaped like x {tuple(x.shape)}, got {shape}")
+    return _jet(fn, x, direction, order)
+
+
+def _jet(fn: Callable[[Tensor], Tensor], x: Tensor, v: Tensor, order: int) -> tuple[Tensor, ...]:
+    if order == 0:
+        return (fn(x),)
+    primals, tangents = jvp(lambda y: _jet(fn, y, v, order - 1), (x,), (v,))
+    return (*primals, tangents[-1])
+
+
+def _solve_dense(A: Tensor, b: Tensor, rcond: float | None = None) -> Tensor:
+    """Minimum-length least-squares solution ``A⁺b`` of symmetric PSD ``A`` (batched over leading
+    dimensions). On the CPU LAPACK's ``gelsy`` (complete orthogonal factorization, measured about
+    twice as fast as an eigendecomposition at 100-400 unknowns); elsewhere an eigendecomposition.
+    Singular values (eigenvalues) ``≤ rcond·max`` count as zero (default ``10·n·eps``)."""
+    n = A.shape[-1]
+    if n == 1:  # a scalar per system: b / a, or 0 where a = 0
+        a = A[..., 0]
+        nonzero = a > torch.finfo(A.dtype).tiny
+        return torch.where(nonzero, b / torch.where(nonzero, a, torch.ones_like(a)),
+                           torch.zeros_like(b))
+    if rcond is None:
+        rcond = max(n, 1) * 10 * torch.finfo(A.dtype).eps
+    if A.device.type == "cpu":
+        return torch.linalg.lstsq(A, b.unsqueeze(-1), rcond=rcond, driver="gelsy"
+                                  ).solution.squeeze(-1)
+    w, Q = torch.linalg.eigh(A)
+    cut = rcond * w.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(A.dtype).tiny)
+    inv = torch.where(w > cut, 1.0 / torch.where(w > cut, w, torch.ones_like(w)),
+                      torch.zeros_like(w))
+    qb = (Q.mT @ b.unsqueeze(-1)).squeeze(-1)
+    return (Q @ (inv * qb).unsqueeze(-1)).squeeze(-1)
+
+
+def tanabe_multipliers(
+    J: Tensor,
+    grad_f: Tensor,
+    g: Tensor,
+    *,
+    solver: Solver = "auto",
+    rtol: float = 1e-10,
+    maxit: int | None = None,
+    x0: Tensor | None = None,
+    dense_max: int = 256,
+) -> tuple[Tensor, MinresQLPInfo | None]:
+    """``Λ`` of Eq. 3-5 of Jergensen (2019): the minimum-length solution of
+    ``(J Jᵀ) Λ = −J ∇f + g``.
+
+    ``J`` is ``(K, N)`` (rows ``∇g_k``), ``grad_f`` ``(N,)`` and ``g`` ``(K,)``; or batched,
+    ``(B, K, N)``, ``(B, N)``, ``(B, K)`` for ``B`` independent systems (Eq. 5 per sample), solved
+    as one block-diagonal system. ``solver="minres_qlp"`` runs MINRES-QLP on the dense Gram matrix
+    (a callable for the batched case) from ``x0`` (warm start, with ``rtol`` taken relative to
+    the full right-hand side rather than to the initial residual; the minimum-length property
+    then holds for the correction ``Λ − x0``, and a component of ``x0`` in the null space of
+    ``JJᵀ`` leaves ``JᵀΛ``, hence the step, unchanged); ``"dense"`` a dense factorization (see
+    :func:`_solve_dense`);
+    ``"auto"`` picks ``"dense"`` up to ``dense_max`` unknowns. Returns ``(Λ, info)`` (``info`` is
+    None for the dense solver).
+    """
+    if solver not in _SOLVERS:
+        raise ValueError(f"solver must be one of {_SOLVERS}, got {solver!r}")
+    if J.dim() not in (2, 3) or grad_f.dim() != J.dim() - 1 or g.dim() != J.dim() - 1:
+        raise ValueError(
+            f"J, grad_f, g must be (K,N),(N,),(K,) or (B,K,N),(B,N),(B,K); got "
+            f"{tuple(J.shape)}, {tuple(grad_f.shape)}, {tuple(g.shape)}"
+        )
+    A = J @ J.mT
+    rhs = -(J @ grad_f.unsqueeze(-1)).squeeze(-1) + g
+    n = rhs.numel()
+    if solver == "auto":
+        solver = "dense" if n <= dense_max else "minres_qlp"
+    if solver == "dense":
+        return _solve_dense(A, rhs), None
+    if J.dim() == 2:
+        op: Tensor | Callable[[Tensor], Tensor] = A
+    else:
+        shape = rhs.shape
+
+        def op(v: Tensor) -> Tensor:
+            return (A @ v.view(shape).unsqueeze(-1)).reshape(-1)
+
+    b = rhs.reshape(-1)
+    start = None if x0 is None else x0.reshape(-1).to(rhs)
+    if start is not None:
+        # MINRES-QLP solves for the correction and measures rtol against its right-hand side
+        # b − A·x0; rescale so that a good warm start stops early (tolerance relative to ‖b‖)
+        r0 = b - (op @ start if isinstance(op, Tensor) else op(start))
+        r0_norm, b_norm = float(r0.norm()), float(b.norm())
+        if r0_norm > 0:
+            rtol = min(rtol * b_norm / r0_norm, 0.5)
+    lam, info = minres_qlp(op, b, rtol=rtol, maxit=maxit, x0=start)
+    return lam.view(rhs.shape), info
+
+
+def _grads(output: Tensor, inputs: list[Tensor], retain_graph: bool) -> list[Tensor]:
+    """``∂output/∂inputs`` by autograd, zeros for inputs that ``output`` does not depend on."""
+    got = torch.autograd.grad(output, inputs, retain_graph=retain_graph, allow_unused=True)
+    return [torch.zeros_like(x) if d is None else d for d, x in zip(got, inputs, strict=True)]
+
+
+def _flat(grads: tuple[Tensor, ...] | list[Tensor], lead: int) -> Tensor:
+    """Concatenate gradients with ``lead`` leading (batch) dimensions into ``(*lead, N)``."""
+    return torch.cat([t.reshape(*t.shape[:lead], -1) for t in grads], dim=-1)
+
+
+class _Carrier(torch.autograd.Function):
+    """A scalar whose value is given and whose gradient with respect to ``params`` is given."""
+
+    @staticmethod
+    def forward(ctx: Any, value: Tensor, grads: tuple[Tensor, ...], *params: Tensor) -> Tensor:
+        ctx.grads = grads
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        return (None, None, *(grad_out * d for d in ctx.grads))
+
+
+@dataclass(frozen=True)
+class TanabeStep:
+    """What one :class:`Tanabe` evaluation returns.
+
+    Attributes
+    ----------
+    loss : Tensor
+        Scalar ``L = f̄ + Σ nograd(λ)·g`` (Eq. 9 for the full, Eq. 10 for the reduction version).
+        ``loss.backward()`` adds ``∇L`` to the parameters' ``.grad``.
+    f : Tensor
+        ``f̄``, the batch mean of the per-sample losses (detached scalar).
+    g : Tensor
+        Per-sample residuals ``g_ij``, ``(B, M)``, detached.
+    reduced : Tensor | None
+        ``g̃`` (``(M',)``) for the reduction version, else None.
+    lam : Tensor
+        Multipliers: ``(B, M)`` for the full version (scaled as in Eq. 9, ``λ = B·Λ`` for the
+        batch coupling), ``(M',)`` for the reduction version. Detached, in ``solve_dtype``.
+    info : MinresQLPInfo | None
+        The MINRES-QLP report, None for the dense solver.
+    grad : Tensor
+        ``∇L`` flattened (the negative of Tanabe's ``Ψ``), detached.
+    """
+
+    loss: Tensor
+    f: Tensor
+    g: Tensor
+    reduced: Tensor | None
+    lam: Tensor
+    info: MinresQLPInfo | None
+    grad: Tensor
+
+
+def _check_int(name: str, value: Any, low: int, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        prefix = "None or " if optional else ""
+        raise ValueError(f"{name} must be {prefix}an int >= {low}, got {value!r}")
+
+
+class Tanabe:
+    """Tanabe's constrained backpropagation as a loss (Jergensen 2019, Eq. 4-6, 9-10).
+
+    Holds the warm-start state of the multipliers. Call it with ``fn(net, *batch) -> (f, g)``,
+    where ``net(*inputs)`` runs the model with the current parameters, ``f`` is the per-sample
+    loss ``(B,)`` and ``g`` the per-sample constraint residuals ``(B,)`` or ``(B, M)`` (zero when
+    satisfied); ``fn`` must treat samples independently (for the default full version it is also
+    called on single samples, as a batch of one, under :func:`torch.func.vmap`). For the
+    reduction version ``g`` may have its own number of rows
+    ``(B', M)``: only ``f̄`` and ``g̃`` enter Eq. 6, so the constraint may be evaluated on other
+    data than the loss. Then backpropagate the returned ``loss`` and step any optimizer::
+
+        tanabe = Tanabe(model, version="reduction")
+        for x, y in loader:
+            opt.zero_grad()
+            step = tanabe(fn, x, y)
+            step.loss.backward()
+            opt.step()
+
+    Parameters
+    ----------
+    model : nn.Module
+        The network; all parameters with ``requires_grad`` are the ``θ`` of the dynamics.
+    version : "full" or "reduction"
+    coupling : "batch" or "sample"
+        Full version only: one system over the batch, or Eq. 5's per-sample systems.
+    reduction : "mse", "huber" or callable
+        Reduction version: ``g̃_j = mean_i g_ij²`` (default), ``mean_i huber(g_ij, δ)`` (the
+        paper's choice), or a callable ``(B, M) -> (M',)`` that is zero only where all ``g`` are.
+    huber_delta : float
+        ``δ`` of the Huber reduction.
+    solver : "auto", "minres_qlp" or "dense"
+        How the multipliers are solved; "auto" uses the dense solver up to ``dense_max`` unknowns.
+    rtol, maxit : MINRES-QLP's tolerance and iteration limit.
+    warm_start : bool
+        Start MINRES-QLP from the previous multipliers: those of the same samples when ``index``
+        is passed (a pool of ``pool_size``), else the previous step's when the shape matches.
+    pool_size : int, optional
+        Number of distinct samples (for warm starts by ``index`` in the full version).
+    batched_params : bool
+        Full version: the model takes ``G`` parameter copies (see the module docstring), so one
+        forward and one backward pass give every per-sample Jacobian (no ``vmap``).
+    solve_dtype : torch.dtype
+        Dtype of the Gram matrices and solves (default float64: ``JJᵀ`` squares the condition).
+    dense_max : int
+        Largest system the "auto" solver solves densely.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        version: Version = "full",
+        coupling: Coupling = "batch",
+        reduction: Reduction = "mse",
+        huber_delta: float = 1.0,
+        solver: Solver = "auto",
+        rtol: float = 1e-10,
+        maxit: int | None = None,
+        warm_start: bool = True,
+        pool_size: int | None = None,
+        batched_params: bool = False,
+        solve_dtype: torch.dtype = torch.float64,
+        dense_max: int = 256,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if version not in _VERSIONS:
+            raise ValueError(f"version must be one of {_VERSIONS}, got {version!r}")
+        if coupling not in _COUPLINGS:
+            raise ValueError(f"coupling must be one of {_COUPLINGS}, got {coupling!r}")
+        if not callable(reduction) and reduction not in _REDUCTIONS:
+            raise ValueError(f"reduction must be one of {_REDUCTIONS} or callable, "
+                             f"got {reduction!r}")
+        if solver not in _SOLVERS:
+            raise ValueError(f"solver must be one of {_SOLVERS}, got {solver!r}")
+        if isinstance(huber_delta, bool) or not (
+            isinstance(huber_delta, int | float) and 0 < huber_delta < math.inf
+        ):
+            raise ValueError(f"huber_delta must be a finite number > 0, got {huber_delta!r}")
+        if isinstance(rtol, bool) or not (isinstance(rtol, int | float) and 0 <= rtol < 1):
+            raise ValueError(f"rtol must be a number in [0, 1), got {rtol!r}")
+        _check_int("maxit", maxit, 1, optional=True)
+        _check_int("pool_size", pool_size, 1, optional=True)
+        _check_int("dense_max", dense_max, 0)
+        if solve_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"solve_dtype must be torch.float32 or float64, got {solve_dtype}")
+        self.model = model
+        self.version = version
+        self.coupling = coupling
+        self.reduction = reduction
+        self.huber_delta = float(huber_delta)
+        self.solver = solver
+        self.rtol = float(rtol)
+        self.maxit = maxit
+        self.warm_start = bool(warm_start)
+        self.pool_size = pool_size
+        self.batched_params = bool(batched_params)
+        self.solve_dtype = solve_dtype
+        self.dense_max = dense_max
+        self._last: Tensor | None = None  # Λ of the previous step (system scaling)
+        self._pool: Tensor | None = None  # Λ per pool sample, (pool_size, M)
+        self._rows: int | None = None  # 1 + M of the last batched call
+
+    # ---- state --------------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget the stored multipliers (the next solve starts from zero)."""
+        self._last, self._pool = None, None
+
+    def state_dict(self) -> dict[str, Tensor | None]:
+        """The warm-start state (previous multipliers and the per-sample pool)."""
+        return {"last": self._last, "pool": self._pool}
+
+    def load_state_dict(self, state: dict[str, Tensor | None]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        if not isinstance(state, dict) or set(state) != {"last", "pool"}:
+            raise ValueError(f"state must be a dict with keys 'last' and 'pool', got {state!r}")
+        self._last, self._pool = state["last"], state["pool"]
+
+    # ---- the step -----------------------------------------------------------------------------
+
+    def _params(self) -> tuple[list[str], list[Tensor]]:
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("model has no parameters that require grad")
+        return [n for n, _ in named], [p for _, p in named]
+
+    def __call__(self, fn: StepFn, *batch: Tensor, index: Tensor | None = None) -> TanabeStep:
+        """Evaluate ``fn`` on ``batch``, solve for the multipliers, return the loss and stats.
+
+        ``index`` (full version, with ``pool_size``) names the samples of the batch (integers in
+        ``[0, pool_size)``) so that each one's multipliers warm-start its next solve.
+        """
+        if not callable(fn):
+            raise ValueError(f"fn must be callable as fn(net, *batch) -> (f, g), got {fn!r}")
+        if not batch or not all(isinstance(b, Tensor) for b in batch):
+            raise ValueError("batch must be one or more tensors with a leading batch dimension")
+        size = batch[0].shape[0] if batch[0].dim() > 0 else -1
+        if size < 1 or any(b.dim() == 0 or b.shape[0] != size for b in batch):
+            raise ValueError(f"batch tensors must share a leading dimension >= 1, got shapes "
+                             f"{[tuple(b.shape) for b in batch]}")
+        if index is not None:
+            index = self._check_index(index, size)
+        names, params = self._params()
+        if self.version == "reduction":
+            fbar, g, gt, grad_f, J = self._reduction_autograd(fn, batch, params)
+            return self._reduction(fbar, g, gt, grad_f, J, params)
+        if self.batched_params:
+            f, g, Gf, Gg = self._jacobians_batched(fn, batch, names, params)
+        else:
+            f, g, Gf, Gg = self._jacobians_vmap(fn, batch, names, params)
+        return self._full(f, g, Gf, Gg, params, index)
+
+    def _check_index(self, index: Tensor, size: int) -> Tensor:
+        if self.version != "full" or self.pool_size is None:
+            raise ValueError("index needs version='full' and a pool_size")
+        if not isinstance(index, Tensor) or index.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"index must be an integer tensor, got {index!r}")
+        if index.shape != (size,):
+            raise ValueError(f"index must have shape ({size},), got {tuple(index.shape)}")
+        if bool((index < 0).any()) or bool((index >= self.pool_size).any()):
+            raise ValueError(f"index must lie in [0, pool_size={self.pool_size})")
+        return index.long()
+
+    def _call_fn(self, fn: StepFn, net: Callable[..., Any], batch: tuple[Tensor, ...],
+                 size: int, any_rows: bool = False) -> tuple[Tensor, Tensor]:
+        out = fn(net, *batch)
+        if not isinstance(out, tuple | list) or len(out) != 2:
+            raise ValueError("fn must return a pair (f, g) of per-sample tensors")
+        f, g = out
+        if not isinstance(f, Tensor) or f.shape != (size,):
+            raise ValueError(f"f must have shape ({size},), got "
+                             f"{tuple(f.shape) if isinstance(f, Tensor) else f!r}")
+        rows = g.shape[0] if any_rows and isinstance(g, Tensor) and g.dim() else size
+        if not isinstance(g, Tensor) or g.dim() not in (1, 2) or g.shape[0] != rows:
+            raise ValueError(f"g must have shape ({size},) or ({size}, M), got "
+                             f"{tuple(g.shape) if isinstance(g, Tensor) else g!r}")
+        return f, g.reshape(rows, -1)
+
+    def _net(self, params: dict[str, Tensor]) -> Callable[..., Any]:
+        buffers = dict(self.model.named_buffers())
+
+        def net(*inputs: Any, **kwargs: Any) -> Any:
+            return functional_call(self.model, (params, buffers), inputs, kwargs, strict=False)
+
+        return net
+
+    def _jacobians_vmap(
+        self, fn: StepFn, batch: tuple[Tensor, ...], names: list[str], params: list[Tensor]
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Per-sample ``f_i, g_i`` and their gradients ``(B, N)``, ``(B, M, N)`` by vmap∘jacrev."""
+        detached = {n: p.detach() for n, p in zip(names, params, strict=True)}
+
+        def one(p: dict[str, Tensor], *sample: Tensor) -> tuple[Tensor, Tensor]:
+            f, g = self._call_fn(fn, self._net(p), tuple(s.unsqueeze(0) for s in sample), 1)
+            out = torch.cat([f, g[0]])
+            return out, out
+
+        jac, out = vmap(jacrev(one, has_aux=True), in_dims=(None, *([0] * len(batch))))(
+            detached, *batch)
+        J = _flat([jac[n] for n in names], 2)  # (B, 1 + M, N)
+        return out[:, 0].detach(), out[:, 1:].detach(), J[:, 0], J[:, 1:]
+
+    def _probe_rows(self, fn: StepFn, batch: tuple[Tensor, ...]) -> int:
+        """``1 + M``: rows of gradients per sample, from a cheap first-sample call (cached)."""
+        if self._rows is None:
+            with torch.no_grad():
+                _, g = self._call_fn(fn, self.model, tuple(b[:1] for b in batch), 1)
+                self._rows = 1 + g.shape[1]
+        return self._rows
+
+    def _batched_call(self, fn: StepFn, batch: tuple[Tensor, ...], names: list[str],
+                      params: list[Tensor], copies: int, groups: int
+                      ) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """``fn`` on the batch repeated ``copies`` times with ``groups`` parameter copies."""
+        size = batch[0].shape[0]
+        stacked = tuple(b.repeat(copies, *([1] * (b.dim() - 1))) for b in batch)
+        leaves = [p.detach().unsqueeze(0).expand(groups, *p.shape).requires_grad_()
+                  for p in params]
+        f, g = self._call_fn(fn, self._net(dict(zip(names, leaves, strict=True))), stacked,
+                             copies * size)
+        return f, g, leaves
+
+    def _jacobians_batched(
+        self, fn: StepFn, batch: tuple[Tensor, ...], names: list[str], params: list[Tensor]
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """As :meth:`_jacobians_vmap`, from one backward pass with one parameter copy per row.
+
+        The batch is repeated ``1 + M`` times; the first repetition's ``f`` and the ``j``-th's
+        ``g_·j`` are summed, so the gradient of that sum with respect to row ``r``'s copy is one
+        per-sample gradient.
+        """
+        size = batch[0].shape[0]
+        for attempt in range(2):
+            rows = self._probe_rows(fn, batch)
+            with torch.enable_grad():
+                f, g, leaves = self._batched_call(fn, batch, names, params, rows, rows * size)
+                if g.shape[1] + 1 != rows:
+                    self._rows = None  # the number of constraints changed: probe again
+                    if attempt:
+                        raise RuntimeError("the number of constraints changed between calls")
+                    continue
+                total = f[:size].sum() + sum(g[(j + 1) * size:(j + 2) * size, j].sum()
+                                             for j in range(rows - 1))
+                J = _flat(_grads(total, leaves, False), 1).view(rows, size, -1)
+            break
+        return (f[:size].detach(), g[:size].detach(), J[0], J[1:].transpose(0, 1))
+
+    def _full(self, f: Tensor, g: Tensor, Gf: Tensor, Gg: Tensor, params: list[Tensor],
+              index: Tensor | None) -> TanabeStep:
+        B, M = g.shape
+        dt = self.solve_dtype
+        Gg64, g64 = Gg.to(dt), g.to(dt)
+        x0 = self._start(B, M, index)
+        if self.coupling == "batch":
+            grad_f = Gf.mean(0).to(dt)
+            Lam, info = tanabe_multipliers(Gg64.reshape(B * M, -1), grad_f, g64.reshape(-1),
+                                           solver=self.solver, rtol=self.rtol, maxit=self.maxit,
+                                           x0=x0, dense_max=self.dense_max)
+            Lam = Lam.view(B, M)
+            d = grad_f + Gg64.reshape(B * M, -1).mT @ Lam.reshape(-1)
+            lam = B * Lam
+        else:
+            Gf64 = Gf.to(dt)
+            lam, info = tanabe_multipliers(Gg64, Gf64, g64, solver=self.solver, rtol=self.rtol,
+                                           maxit=self.maxit, x0=x0, dense_max=self.dense_max)
+            Lam = lam
+            d = (Gf64 + (Gg64.mT @ lam.unsqueeze(-1)).squeeze(-1)).mean(0)
+        self._remember(Lam, index)
+        value = f.mean() + (lam.to(g) * g).sum() / B
+        return self._finish(value.detach(), d, params, f.mean().detach(), g, None, lam, info)
+
+    def _start(self, B: int, M: int, index: Tensor | None) -> Tensor | None:
+        if not self.warm_start:
+            return None
+        if index is not None and self._pool is not None and self._pool.shape[1] == M:
+            return self._pool[index]
+        if index is None and self._last is not None and self._last.shape == (B, M):
+            return self._last
+        return None
+
+    def _remember(self, Lam: Tensor, index: Tensor | None) -> None:
+        self._last = Lam.detach().clone()
+        if index is not None:
+            if self._pool is None or self._pool.shape[1] != Lam.shape[1]:
+                self._pool = Lam.new_zeros(self.pool_size, Lam.shape[1])
+            self._pool[index] = Lam.detach()
+
+    def _reduce(self, g: Tensor) -> Tensor:
+        if callable(self.reduction):
+            out = self.reduction(g)
+            if not isinstance(out, Tensor) or out.dim() != 1:
+                raise ValueError("reduction must return a 1-D tensor (one value per reduced "
+                                 "constraint)")
+            return out
+        if self.reduction == "mse":
+            return g.square().mean(0)
+        return huber(g, self.huber_delta).mean(0)
+
+    def _reduction_autograd(self, fn: StepFn, batch: tuple[Tensor, ...], params: list[Tensor]
+                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """``f̄, g, g̃, ∇f̄, J̃`` by ``1 + M'`` backward passes through the batch's graph."""
+        size = batch[0].shape[0]
+        with torch.enable_grad():
+            f, g = self._call_fn(fn, self.model, batch, size, any_rows=True)
+            fbar = f.mean()
+            gt = self._reduce(g)
+            rows = [_flat(_grads(fbar, params, True), 0)]
+            rows += [_flat(_grads(gt[j], params, j + 1 < gt.numel()), 0)
+                     for j in range(gt.numel())]
+        J = torch.stack(rows)
+        return fbar.detach(), g.detach(), gt.detach(), J[0], J[1:]
+
+    def _reduction(self, fbar: Tensor, g: Tensor, gt: Tensor, grad_f: Tensor, J: Tensor,
+                   params: list[Tensor]) -> TanabeStep:
+        dt = self.solve_dtype
+        x0 = self._last if (self.warm_start and self._last is not None
+                            and self._last.shape == gt.shape) else None
+        lam, info = tanabe_multipliers(J.to(dt), grad_f.to(dt), gt.to(dt), solver=self.solver,
+                                       rtol=self.rtol, maxit=self.maxit, x0=x0,
+                                       dense_max=self.dense_max)
+        self._last = lam.detach().clone()
+        d = torch.addmv(grad_f, J.mT, lam.to(J.dtype))
+        value = fbar + (lam.to(gt) * gt).sum()
+        return self._finish(value, d, params, fbar, g, gt, lam, info)
+
+    def _finish(self, value: Tensor, d: Tensor, params: list[Tensor], fbar: Tensor, g: Tensor,
+                reduced: Tensor | None, lam: Tensor, info: MinresQLPInfo | None) -> TanabeStep:
+        if not bool(torch.isfinite(d).all()):
+            raise RuntimeError("the Tanabe gradient is non-finite (inf or nan)")
+        parts = torch.split(d, [p.numel() for p in params])
+        grads = tuple(part.view_as(p).to(p.dtype) for part, p in zip(parts, params, strict=True))
+        loss = _Carrier.apply(value, grads, *params)
+        return TanabeStep(loss=loss, f=fbar, g=g, reduced=reduced, lam=lam.detach(), info=info,
+                          grad=d.detach())
