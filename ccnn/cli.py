@@ -3,7 +3,9 @@
 Subcommands:
     demo      train full, mil, ccnn and ccnn-size on the synthetic default; the table on test.
     train     train one method (weak labels or full supervision) on a dataset.
-    pretrain  the small network's backbone on a shape classification set (ImageNet's stand-in).
+    pretrain  the small network's backbone on a shape classification set (ImageNet's stand-in)
+              or on a dataset's own training tags.
+    estimate-bounds  constraint constants from at most 20 labelled masks of a new dataset.
     evaluate  mIoU, per-class IoU and pixel accuracy of a checkpoint on a split (test).
     predict   colour PNG masks of a checkpoint's predictions for a folder of images.
     check     the P-step solvers against the CVXPY oracle on random small problems.
@@ -49,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_demo(sub)
     _add_pretrain(sub)
+    _add_estimate_bounds(sub)
     _add_evaluate(sub)
     _add_predict(sub)
     _add_pose(sub)
@@ -79,6 +82,19 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--test-split", help="the split reports use (ccnn evaluate's default)")
     p.add_argument("--out", help="output folder (default runs/<preset>-<method>)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in OUT (by default a folder holding a "
+                        "checkpoint is refused)")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="train on N processes of this machine with torch.distributed (gloo on "
+                        "the CPU, NCCL with --device cuda: one GPU each); --batch-size stays "
+                        "the global batch (docs/distributed.md; under torchrun leave it out)")
+    p.add_argument("--max-restarts", type=int, metavar="R",
+                   help="with --nproc: after a process fails, restart them all up to R times, "
+                        "resuming from the last checkpoint (default 0)")
+    p.add_argument("--skip-bad", action="store_true", default=None,
+                   help="leave out (and count in the log) the samples whose files are "
+                        "truncated or corrupt instead of stopping")
     p.add_argument("--model", help="small, vgg16-fcn, deeplab-resnet50 or deeplab-resnet101")
     p.add_argument("--backbone-weights", metavar="PATH",
                    help="local torchvision checkpoint of the backbone, or for the small "
@@ -154,22 +170,61 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
-    from ccnn.pretrain import PretrainConfig
+    from ccnn.pretrain import LOSSES, POOLS, PRETRAIN_DATASETS, PretrainConfig
 
     p = sub.add_parser(
-        "pretrain", help="pretrain the small network's backbone on shape classification",
-        description="Train the small network's features to classify single-object synthetic "
-                    "images by shape (image-level labels, a split never used for segmentation), "
-                    "the stand-in for an ImageNet backbone; pass the file to ccnn train "
-                    "--backbone-weights.")
+        "pretrain", help="pretrain the small network's backbone on image-level labels",
+        description="Train the small network's features to classify images from image-level "
+                    "labels only, the stand-in for an ImageNet backbone: by default single-object "
+                    "synthetic images by shape (a split never used for segmentation); with "
+                    "--dataset voc or camvid, the dataset's own training images by their tags "
+                    "(multi-label, binary cross-entropy per class; tag mAP reported on "
+                    "--val-split). Pass the file to ccnn train --backbone-weights.")
     p.add_argument("--out", default="runs/backbone.pt", help="weights file (default "
                                                              "runs/backbone.pt)")
-    p.add_argument("--images", type=int, help=f"training images (default {PretrainConfig.images})")
+    p.add_argument("--dataset", choices=PRETRAIN_DATASETS, default="synthetic",
+                   help="synthetic (shapes, the demo's) or a dataset's own training tags "
+                        "(default synthetic)")
+    p.add_argument("--data-root", help="--dataset voc/camvid: its folder (default data)")
+    p.add_argument("--train-split", help="--dataset: split to train on (default train)")
+    p.add_argument("--val-split", help="--dataset: split to report tag mAP on (default val)")
+    p.add_argument("--crop", type=int, help="--dataset: random square crops of this many pixels "
+                                            "(default whole images)")
+    p.add_argument("--pool", choices=POOLS, help="--dataset: the classifier's global pooling "
+                                                 "(default mean)")
+    p.add_argument("--loss", choices=LOSSES, help="--dataset: bce (a binary cross-entropy per "
+                                                  "class) or softmax (normalised tags; default "
+                                                  "bce)")
+    p.add_argument("--init", metavar="FILE", help="start the features from this backbone file "
+                                                  "(e.g. the synthetic one) instead of random "
+                                                  "weights")
+    p.add_argument("--images", type=int,
+                   help=f"synthetic: training images (default {PretrainConfig.images})")
     p.add_argument("--epochs", type=int, help=f"default {PretrainConfig.epochs}")
     p.add_argument("--lr", type=float, help=f"Adam learning rate (default {PretrainConfig.lr:g})")
     p.add_argument("--batch-size", type=int, help=f"default {PretrainConfig.batch_size}")
     p.add_argument("--seed", type=int, help=f"default {PretrainConfig.seed}")
     _add_no_progress(p)
+
+
+def _add_estimate_bounds(sub: argparse._SubParsersAction) -> None:
+    from ccnn.presets import MAX_ESTIMATE_MASKS
+
+    p = sub.add_parser(
+        "estimate-bounds", help="constraint constants from at most 20 labelled masks",
+        description="Estimate the constraint constants of ccnn and ccnn-size for a new dataset "
+                    f"from the class fractions of at most {MAX_ESTIMATE_MASKS} labelled masks "
+                    "(the first images of --split) and print them as ccnn train --bound "
+                    "options. A result that uses them uses those labelled masks: say so.")
+    p.add_argument("--dataset", choices=("voc", "camvid"), default="voc", help="default voc")
+    p.add_argument("--data-root", default="data", help="the dataset's folder (default data)")
+    p.add_argument("--split", default="val", help="split whose first masks are read (default "
+                                                  "val)")
+    p.add_argument("--masks", type=int, default=MAX_ESTIMATE_MASKS,
+                   help=f"labelled masks to read, at most {MAX_ESTIMATE_MASKS} (default "
+                        f"{MAX_ESTIMATE_MASKS})")
+    p.add_argument("--json", metavar="PATH", help="also write the estimate as JSON")
+    p.set_defaults(command="estimate_bounds")  # main() calls commands.main_<command>
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -182,6 +237,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     _add_test_time_crf(p)
     p.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave out (and count) the images whose files are truncated or corrupt")
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
@@ -191,6 +248,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("output", help="folder for the PNG masks (created)")
     _add_test_time_crf(p)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip (and count) the images that cannot be read instead of stopping")
 
 
 def _add_pose(sub: argparse._SubParsersAction) -> None:
@@ -204,8 +263,8 @@ def _add_pose(sub: argparse._SubParsersAction) -> None:
                     "left/right symmetry constraints by Soft-SGD, Soft-Adam, the Lagrangian, "
                     "Hard-SGD, Hard-Adam, Hard-Gauss-Newton and the persistent-pool hard method; "
                     "report mean joint error and constraint violation on the test split and "
-                    "draw Fig. 2a and 2b (docs/hard_experiments.md: 33 minutes on two busy CPU "
-                    "cores).")
+                    "draw Fig. 2a and 2b (docs/hard_experiments.md: about 23 minutes on one CPU "
+                    "thread).")
     p.add_argument("--out", default="runs/pose", help="folder for the figure (default "
                                                       "runs/pose)")
     p.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
@@ -284,8 +343,9 @@ def _add_helmholtz(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "helmholtz", help="sine waves under the Helmholtz PDE constraint (Jergensen)",
         description="The toy of Jergensen (2019): a network of (x, A, k, phi) fits "
-                    "A sin(kx + phi) under u'' + k^2 u = 0. Trains unconstrained, soft, Tanabe's "
-                    "reduction and full versions and the projection after each epoch; writes "
+                    "A sin(kx + phi) under u'' + k^2 u = 0. Trains unconstrained, soft, the "
+                    "augmented Lagrangian, Tanabe's reduction and full versions and the "
+                    "projection after each epoch (and, on request, the KKT hard step); writes "
                     "Figs. 10-14 analogues to --out. With --timing: seconds per iteration "
                     "against batch size, model size and constraints (Figs. 7-9).")
     p.add_argument("--out", default="runs/helmholtz",
@@ -293,8 +353,9 @@ def _add_helmholtz(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
     p.add_argument("--timing", action="store_true",
                    help="run the timing study instead of training")
-    p.add_argument("--methods", default=",".join(METHODS),
-                   help="comma-separated (default all)")
+    p.add_argument("--methods", default=",".join(d.methods),
+                   help=f"comma-separated from {','.join(METHODS)} "
+                        f"(default {','.join(d.methods)})")
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"default {d.epochs}")
     p.add_argument("--batch-size", type=int, default=d.batch_size,
                    help=f"default {d.batch_size}")
@@ -311,6 +372,12 @@ def _add_helmholtz(sub: argparse._SubParsersAction) -> None:
                    help=f"the full version's multiplier system (default {d.coupling})")
     p.add_argument("--solver", choices=("auto", "dense", "minres_qlp"), default=d.solver,
                    help=f"multiplier solver (default {d.solver})")
+    p.add_argument("--lagrangian-rho", type=float, default=d.lagrangian_rho,
+                   help="rho of the augmented Lagrangian and its dual step (default 2/batch, "
+                        "whose augmented term is the soft penalty)")
+    p.add_argument("--kkt-correction", type=float, default=d.kkt_correction,
+                   help="share of the residual the KKT step removes per step "
+                        f"(default {d.kkt_correction:g}: the paper's Eq. 5)")
     p.add_argument("--projection-max-steps", type=int, default=d.projection_max_steps,
                    help=f"cap per projection (default {d.projection_max_steps})")
     p.add_argument("--keep-data", default=",".join(d.keep_data),

@@ -54,10 +54,54 @@ def _stderr(message: str) -> None:
 
 
 def main_train(args: argparse.Namespace) -> int:
-    """``ccnn train``: one run; prints the final validation metrics and where the report is."""
+    """``ccnn train``: one run, on one process, on ``--nproc`` processes of this machine, or as
+    one process of a ``torchrun`` launch; prints the final validation metrics (rank 0) and
+    where the report is.  Exit status 1 when the run stopped on a fault (a non-finite loss, a
+    failed process)."""
+    import dataclasses
+
+    import torch
+
+    from ccnn import distributed
+    from ccnn.train import check_out_folder, train_process
+
     cfg = config_from_args(args)
+    if args.skip_bad:
+        cfg = dataclasses.replace(cfg, skip_bad=True)
     out = Path(args.out or f"runs/{args.preset}-{args.method}")
-    summary = train(cfg, out, resume=args.resume, progress_bar=on_terminal(args.progress))
+    progress = on_terminal(args.progress)
+    if args.resume and args.overwrite:
+        check_out_folder(out, resume=True, overwrite=True)  # raises: give one of them
+    try:
+        if distributed.launched():  # one process of torchrun's; it checks the folder itself
+            if args.nproc is not None or args.max_restarts is not None:
+                raise ValueError("--nproc and --max-restarts start the processes themselves; "
+                                 "under torchrun use its --nproc-per-node and --max-restarts")
+            summary = train_process(cfg, out, args.resume, args.overwrite, progress)
+        elif args.nproc is not None:
+            check_out_folder(out, resume=args.resume, overwrite=args.overwrite)
+            gpus = torch.cuda.device_count()
+            if cfg.device.startswith("cuda") and args.nproc > gpus:
+                raise ValueError(f"--nproc {args.nproc} with --device {cfg.device}: one process "
+                                 f"per GPU, and this machine has {gpus}")
+            summary = distributed.launch(
+                train_process, (cfg, str(out), args.resume, args.overwrite, progress),
+                nproc=args.nproc, max_restarts=args.max_restarts or 0)
+        else:
+            if args.max_restarts is not None:
+                raise ValueError("--max-restarts restarts the processes of --nproc; give --nproc "
+                                 "too (e.g. --nproc 1)")
+            check_out_folder(out, resume=args.resume, overwrite=args.overwrite)
+            summary = train(cfg, out, resume=args.resume, overwrite=args.overwrite,
+                            progress_bar=progress)
+    except FloatingPointError as err:
+        _stderr(f"ccnn train: stopped: {err}")
+        return 1
+    except distributed.LaunchError as err:
+        _stderr(f"ccnn train: error: {err}")
+        return 1
+    if summary is None:  # a process other than rank 0
+        return 0
     crf = f" (with the dense CRF {summary['crf']['miou']:.4f})" if "crf" in summary else ""
     print(f"{cfg.method} on {summary['split']}: mIoU {summary['miou']:.4f}{crf}, pixel accuracy "
           f"{summary['pixel_accuracy']:.4f}, {summary['seconds']:.0f} s; report in "
@@ -85,14 +129,55 @@ def main_demo(args: argparse.Namespace) -> int:
 
 
 def main_pretrain(args: argparse.Namespace) -> int:
-    """``ccnn pretrain``: the small network's backbone on the shape classification set."""
+    """``ccnn pretrain``: the small network's backbone, on the shape classification set or, with
+    ``--dataset``, on that dataset's own training tags."""
     from ccnn.pretrain import PretrainConfig, pretrain
 
-    fields = ("images", "epochs", "lr", "batch_size", "seed")
+    if args.dataset != "synthetic" and args.images is not None:
+        raise ValueError(f"--images sets the synthetic pretraining set's size; with --dataset "
+                         f"{args.dataset} the whole --train-split is used")
+    fields = ("images", "epochs", "lr", "batch_size", "seed", "dataset", "data_root",
+              "train_split", "val_split", "crop", "pool", "loss", "init")
     cfg = PretrainConfig(**{k: getattr(args, k) for k in fields if getattr(args, k) is not None})
     result = pretrain(cfg, args.out, progress_bar=on_terminal(args.progress))
-    print(f"validation accuracy {result['accuracy']:.3f} after {result['seconds']:.1f} s; "
-          f"weights in {result['path']} (ccnn train --backbone-weights {result['path']})")
+    m = result["metrics"]
+    scores = f"validation accuracy {m['accuracy']:.3f}" if cfg.dataset == "synthetic" else (
+        f"validation ({cfg.val_split}) tag mAP {m['map']:.3f}, tag accuracy "
+        f"{m['tag_accuracy']:.3f}, all tags right {m['accuracy']:.3f}")
+    print(f"{scores} after {result['seconds']:.1f} s; weights in {result['path']} "
+          f"(ccnn train --backbone-weights {result['path']})")
+    return 0
+
+
+def main_estimate_bounds(args: argparse.Namespace) -> int:
+    """``ccnn estimate-bounds``: constraint constants from at most 20 labelled masks (their
+    class fractions), printed as ``ccnn train`` options (:func:`ccnn.presets.estimate_bounds`)."""
+    from ccnn.data import build_dataset
+    from ccnn.io import json_path, write_json
+    from ccnn.presets import MAX_ESTIMATE_MASKS, bound_options, estimate_bounds
+
+    out_json = json_path(args.json)
+    if not 1 <= args.masks <= MAX_ESTIMATE_MASKS:
+        raise ValueError(f"--masks must lie in [1, {MAX_ESTIMATE_MASKS}], got {args.masks}")
+    dataset = build_dataset(args.dataset, args.split, args.data_root)
+    count = min(args.masks, len(dataset))
+    samples = [dataset[i] for i in range(count)]
+    result = estimate_bounds([s["sizes"].tolist() for s in samples], dataset.background)
+    result.update(dataset=args.dataset, data_root=str(args.data_root), split=args.split,
+                  names=[s["name"] for s in samples])
+    st = result["statistics"]
+    print(f"from the labelled masks of the first {count} {args.split} images of {args.data_root} "
+          f"({st['objects']} tagged objects; object share median {st['object_median']:.3f}, "
+          f"10-90% {st['object_q10']:.3f}-{st['object_q90']:.3f}"
+          + (f"; background median {st['background_median']:.3f}, 10-90% "
+             f"{st['background_q10']:.3f}-{st['background_q90']:.3f}"
+             if "background_median" in st else "") + ")")
+    for method in ("ccnn", "ccnn-size"):
+        print(f"  --method {method} {bound_options(result[method])}")
+    print(f"a result trained with these constants used {count} labelled {args.split} masks: "
+          f"say so when reporting it, and do not report on these {count} images")
+    if out_json is not None:
+        write_json(out_json, result)
     return 0
 
 
@@ -103,10 +188,12 @@ def main_evaluate(args: argparse.Namespace) -> int:
 
     out_json = json_path(args.json)
     m = evaluate_checkpoint(args.checkpoint, split=args.split, data_root=args.data_root,
-                            device=args.device, crf=args.crf)
+                            device=args.device, crf=args.crf, skip_bad=args.skip_bad)
     crf = ", dense CRF" if args.crf else ""
-    print(f"{args.checkpoint} on {m['split']} ({m['images']} images{crf}): mIoU {m['miou']:.4f}, "
-          f"pixel accuracy {m['pixel_accuracy']:.4f}, mean accuracy {m['mean_accuracy']:.4f}")
+    skipped = f", {len(m['skipped'])} unreadable left out" if m.get("skipped") else ""
+    print(f"{args.checkpoint} on {m['split']} ({m['images']} images{crf}{skipped}): mIoU "
+          f"{m['miou']:.4f}, pixel accuracy {m['pixel_accuracy']:.4f}, mean accuracy "
+          f"{m['mean_accuracy']:.4f}")
     for name, iou in zip(m["class_names"], m["iou"], strict=True):
         print(f"  {name:<16} {'-' if iou != iou else f'{iou:.4f}'}")
     if out_json is not None:
@@ -115,12 +202,15 @@ def main_evaluate(args: argparse.Namespace) -> int:
 
 
 def main_predict(args: argparse.Namespace) -> int:
-    """``ccnn predict``: colour masks for a folder of images."""
+    """``ccnn predict``: colour masks for a folder of images (``--skip-bad``: unreadable images
+    skipped and counted)."""
     from ccnn.inference import predict_folder
 
-    written = predict_folder(args.checkpoint, args.input, args.output, device=args.device,
-                             crf=args.crf)
-    print(f"wrote {len(written)} masks to {args.output}")
+    result = predict_folder(args.checkpoint, args.input, args.output, device=args.device,
+                            crf=args.crf, skip_bad=args.skip_bad)
+    skipped = (f"; skipped {len(result.skipped)} unreadable image(s): "
+               + ", ".join(str(p) for p in result.skipped)) if result.skipped else ""
+    print(f"wrote {len(result.written)} masks to {args.output}{skipped}")
     return 0
 
 
@@ -167,17 +257,21 @@ def main_helmholtz(args: argparse.Namespace) -> int:
         setting = result["setting"]
         print(f"batch {setting['batch_size']}, {setting['parameters']} parameters, 1 constraint, "
               f"{setting['threads']} thread(s)")
-        print(f"{'method':<14} {'ms/iter':>8} {'x unconstr.':>11} {'x bare':>7}")
+        print(f"{'method':<14} {'ms/iter':>8} {'x unconstr.':>11} {'x bare':>7} "
+              f"{'CPU x unc.':>10} {'CPU x bare':>10}")
+        nan = float("nan")
         for name, rec in result["methods"].items():
-            ratio = rec["ratio_to_unconstrained"]
+            ratio, cpu = rec["ratio_to_unconstrained"], rec["cpu_ratio_to_unconstrained"]
             print(f"{name:<14} {1e3 * rec['seconds_per_iter']:>8.2f} "
-                  f"{ratio if ratio is not None else float('nan'):>11.2f} "
-                  f"{rec['ratio_to_bare']:>7.2f}")
+                  f"{ratio if ratio is not None else nan:>11.2f} "
+                  f"{rec['ratio_to_bare']:>7.2f} {cpu if cpu is not None else nan:>10.2f} "
+                  f"{rec['cpu_ratio_to_bare'] or nan:>10.2f}")
     else:
         methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
         keep = tuple(k.strip() for k in args.keep_data.split(",") if k.strip())
         fields = ("epochs", "batch_size", "lr", "optimizer", "width", "depth", "waves_per_axis",
-                  "points", "coupling", "solver", "projection_max_steps", "seed", "dtype")
+                  "points", "coupling", "solver", "projection_max_steps", "seed", "dtype",
+                  "lagrangian_rho", "kkt_correction")
         cfg = HelmholtzConfig(methods=methods, keep_data=keep,
                               **{k: getattr(args, k) for k in fields})
         result = run_helmholtz(cfg, Path(args.out), progress=on_terminal(args.progress))

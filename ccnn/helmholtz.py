@@ -7,9 +7,18 @@ The methods compared:
 
 * ``unconstrained``: mean squared error;
 * ``soft``: ``MSE + (1/B) Σ_i r_i²`` (the paper's penalty weight λ = 1/B);
+* ``lagrangian``: the augmented Lagrangian ``MSE + Σ_i Λ_i r_i + (ρ/2) Σ_i r_i²`` with one
+  multiplier per training sample and dual ascent ``Λ_i ← Λ_i + ρ r_i`` after each step
+  (Eq. 4 of Márquez-Neila, Salzmann and Fua, "Imposing Hard Constraints on Deep Networks:
+  Promises and Limitations", 2017; :mod:`ccnn.hard.penalties`), ``ρ = 2/B`` by default so that
+  its quadratic term is the soft penalty;
 * ``reduction``: Tanabe's constrained backpropagation with one multiplier for the batch mean of
   the Huber error of ``r`` (Eq. 6), :class:`ccnn.hard.tanabe.Tanabe`;
 * ``full``: the same with one multiplier per sample (Eq. 5, 9);
+* ``kkt``: the KKT hard step of Márquez-Neila et al. (Eq. 5, :class:`ccnn.hard.HardSGD`): each
+  step solves for the parameter change that meets the linearized constraints of the batch's
+  ``r_i`` (the share ``kkt_correction`` of them) while descending the MSE; not in the default
+  run (:data:`DEFAULT_METHODS`) because it costs about 40 ms per step here;
 * ``projection``: the unconstrained model, and after each epoch a clone of it projected onto the
   constraint by training the clone on the mean squared residual alone (§"Nonlinear projection",
   :func:`ccnn.hard.posthoc.nonlinear_projection`), on the test wave's 100 points.
@@ -19,7 +28,10 @@ whose outputs is scaled element-wise (⊙) by the output of an upper row of affi
 activation) layers driven by the wave's style ``(A, k, φ)`` - a style-transfer / hypernetwork
 design. ``u``, ``∂u/∂x`` and ``∂²u/∂x²`` are propagated together through the layers (Taylor mode,
 :meth:`HelmholtzNet.jet`), which equals nested :func:`torch.func.jvp` (tested) at a fraction of
-its cost. Every layer also accepts per-sample weights (a leading batch dimension), so that
+its cost; by default the jet is one autograd node with a hand-written backward pass
+(:class:`_FusedJet`, tested against autograd through :meth:`HelmholtzNet.jet_autograd`), because
+on a network this small autograd's cost per recorded operation dominates. Every layer also
+accepts per-sample weights (a leading batch dimension), so that
 :class:`~ccnn.hard.tanabe.Tanabe` can form per-sample Jacobians with plain backward passes.
 """
 
@@ -38,13 +50,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ccnn.hard.optim import HardSGD
+from ccnn.hard.penalties import DualAscent, IndexedMultipliers, lagrangian
 from ccnn.hard.posthoc import ProjectionReport, nonlinear_projection
 from ccnn.hard.tanabe import Tanabe
 from ccnn.progress import ProgressBar
 
 __all__ = [
+    "DEFAULT_METHODS",
     "METHODS",
     "TIMED",
+    "TIMED_EXTRA",
     "Affine",
     "HelmholtzConfig",
     "HelmholtzNet",
@@ -62,8 +78,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-METHODS = ("unconstrained", "soft", "reduction", "full", "projection")
+METHODS = ("unconstrained", "soft", "lagrangian", "reduction", "full", "kkt", "projection")
+DEFAULT_METHODS = ("unconstrained", "soft", "lagrangian", "reduction", "full", "projection")
 TIMED = ("unconstrained", "soft", "reduction", "full")
+TIMED_EXTRA = ("lagrangian", "kkt")
 
 
 # ---- data -------------------------------------------------------------------------------------
@@ -169,11 +187,17 @@ class HelmholtzNet(nn.Module):
     it the raw ``k`` up to 31 made the untrained outputs ~10² and training stalled. ``depth``
     layers of ``width`` units per row; width 11, depth 3 gives 639 parameters (the paper's
     "approximately 600"). Input ``(B, …, 4)``, output ``(B, …)``.
+
+    ``fused=True`` (default) computes the jet (:meth:`jet`) as one autograd node with a
+    hand-written backward pass (:class:`_FusedJet`); ``fused=False`` records every operation
+    for autograd (:meth:`jet_autograd`, the reference). Both give the same values and gradients
+    (tested); the fused one is several times faster on small networks, where autograd's cost
+    per recorded operation dominates.
     """
 
     def __init__(self, width: int = 11, depth: int = 3, *,
                  generator: torch.Generator | None = None,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, fused: bool = True) -> None:
         super().__init__()
         for name, value in (("width", width), ("depth", depth)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -186,6 +210,7 @@ class HelmholtzNet(nn.Module):
         self.out = Affine(width, 1, **kw)
         scale = torch.tensor([1.0, 1.0 / 5.0, 1.0 / (10.0 * math.pi), 2.0], dtype=dtype)
         self.register_buffer("input_scale", scale)
+        self.fused = bool(fused)
 
     def forward(self, inputs: Tensor, derivatives: bool = False
                 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
@@ -206,7 +231,31 @@ class HelmholtzNet(nn.Module):
         ``a = W h + b`` they are ``a' = W h'``, ``a'' = W h''``; through Swish ``σ``:
         ``(σ(a))' = σ'(a) a'``, ``(σ(a))'' = σ''(a) a'² + σ'(a) a''``; the upper row does not
         depend on ``x``, so the scaling ``⊙ s`` multiplies all three.
+
+        With ``fused`` the jet is one autograd node (:class:`_FusedJet`), except inside
+        :mod:`torch.func` transforms (``vmap``, ``jacrev``, ``jvp``: the node has no rules for
+        them) and when the layers mix shared and per-group weights, where it falls back to
+        :meth:`jet_autograd`. The fused node is differentiable once: a backward pass through
+        it with ``create_graph=True`` raises RuntimeError.
         """
+        params = self._jet_params()
+        if self.fused and not _transforms_active() and _same_grouping(params):
+            if torch.is_grad_enabled() and (inputs.requires_grad
+                                            or any(p.requires_grad for p in params)):
+                return _FusedJet.apply(inputs, self.input_scale, len(self.lower), *params)
+            with torch.no_grad():
+                return _jet_forward(inputs, self.input_scale, len(self.lower), params)[0]
+        return self.jet_autograd(inputs)
+
+    def _jet_params(self) -> list[Tensor]:
+        """``[W_0, b_0, …, V_0, c_0, …, w, b]``: lower row, upper row, output layer."""
+        out = [t for layer in self.lower for t in (layer.weight, layer.bias)]
+        out += [t for layer in self.upper for t in (layer.weight, layer.bias)]
+        return [*out, self.out.weight, self.out.bias]
+
+    def jet_autograd(self, inputs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`jet` with every operation recorded by autograd (the reference; works under
+        :mod:`torch.func` transforms and to any order of differentiation)."""
         h = inputs * self.input_scale
         s = h[..., 1:]
         h1: Tensor | None = None
@@ -233,6 +282,199 @@ class HelmholtzNet(nn.Module):
             h2 = second * s
         return (self.out(h)[..., 0], self.out(h1, bias=False)[..., 0],
                 self.out(h2, bias=False)[..., 0])
+
+
+# ---- the jet as one autograd node -------------------------------------------------------------
+
+
+def _transforms_active() -> bool:
+    """Whether a :mod:`torch.func` transform is running (then :class:`_FusedJet` is not used)."""
+    check = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return True if check is None else bool(check())
+
+
+def _same_grouping(params: Sequence[Tensor]) -> bool:
+    """All weights shared (2-D) or all with the same number ``G`` of copies (3-D)."""
+    weights = params[0::2]
+    if all(w.dim() == 2 for w in weights):
+        return all(b.dim() == 1 for b in params[1::2])
+    groups = {w.shape[0] for w in weights if w.dim() == 3}
+    return (len(groups) == 1 and all(w.dim() == 3 for w in weights)
+            and all(b.dim() == 2 for b in params[1::2]))
+
+
+def _lin(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x Wᵀ (+ b)`` for ``x`` ``(G, m, in)``: ``W`` ``(out, in)`` shared or ``(G, out, in)``."""
+    if weight.dim() == 2:
+        return F.linear(x, weight, bias)
+    if bias is None:
+        return torch.bmm(x, weight.mT)
+    return torch.baddbmm(bias.unsqueeze(1), x, weight.mT)
+
+
+def _wgrad(gy: Tensor, x: Tensor, shared: bool) -> Tensor:
+    """``Σ_rows gyᵀ x`` for ``gy`` ``(G, m, out)``, ``x`` ``(G, m, in)``: the weight's gradient,
+    ``(out, in)`` when shared, else ``(G, out, in)``."""
+    if shared:
+        return gy.reshape(-1, gy.shape[-1]).mT @ x.reshape(-1, x.shape[-1])
+    if gy.shape[1] == 1:  # one row per group (per-sample copies): an outer product
+        return gy.mT * x
+    if gy.shape[1] <= 4:  # a few rows: faster than bmm's many tiny products (measured)
+        return (gy.unsqueeze(-1) * x.unsqueeze(-2)).sum(1)
+    return torch.bmm(gy.mT, x)
+
+
+def _rowsum(t: Tensor, shared: bool) -> Tensor:
+    """The bias's gradient from ``t`` ``(G, m, out)``: ``(out,)`` or ``(G, out)``."""
+    return t.sum((0, 1)) if shared else t.sum(1)
+
+
+def _jet_forward(inputs: Tensor, scale: Tensor, depth: int, params: Sequence[Tensor]
+                 ) -> tuple[tuple[Tensor, Tensor, Tensor], list[Any]]:
+    """:meth:`HelmholtzNet.jet_autograd`'s arithmetic on stacked tensors, plus what the backward
+    pass needs.
+
+    Rows are split into ``G`` groups (``G = 1`` for shared weights); the value and the first
+    and second derivatives of each layer's output are stacked as ``H`` ``(G, 3, n, width)`` so
+    that one matrix product serves all three.
+    """
+    lower, upper = params[:2 * depth], params[2 * depth:4 * depth]
+    w_out, b_out = params[4 * depth], params[4 * depth + 1]
+    shared = w_out.dim() == 2
+    groups = 1 if shared else w_out.shape[0]
+    h0 = inputs.reshape(groups, -1, inputs.shape[-1]) * scale
+    n = h0.shape[1]
+    s = h0[..., 1:]
+    H: Tensor | None = None
+    saved: list[Any] = []
+    for i in range(depth):
+        W, b = lower[2 * i], lower[2 * i + 1]
+        V, c = upper[2 * i], upper[2 * i + 1]
+        s_prev, s = s, _lin(s, V, c)
+        if H is None:  # ∂(W h₀)/∂x = W[:, 0]·scale₀ (the same for every row); second: 0
+            a = _lin(h0, W, b)
+            a1 = (W[..., :, 0] * scale[0]).unsqueeze(-2)
+            a2 = None
+            h_in = h0
+        else:
+            A = _lin(H.reshape(groups, 3 * n, H.shape[-1]), W).view(groups, 3, n, -1)
+            a = A[:, 0] + (b if shared else b.unsqueeze(1))
+            a1, a2 = A[:, 1], A[:, 2]
+            h_in = H
+        sig = torch.sigmoid(a)
+        om = 1.0 - sig
+        q = sig * om  # σ'
+        aq = a * q
+        d1 = sig + aq  # swish' = σ + aσ'
+        omt = om - sig  # 1 − 2σ
+        x = a * omt
+        d2 = q * (x + 2.0)  # swish'' = σ'(2 + a(1 − 2σ))
+        t = d2 * a1
+        p2 = t * a1 if a2 is None else torch.addcmul(t * a1, d1, a2)
+        P = torch.stack([a * sig, d1 * a1, p2], 1)
+        H = P * s.unsqueeze(1)
+        saved.append((h_in, s_prev, s, a1, a2, q, aq, omt, x, d1, d2, t, P))
+    assert H is not None
+    U = _lin(H.reshape(groups, 3 * n, -1), w_out).view(groups, 3, n)
+    shape = inputs.shape[:-1]
+    u = (U[:, 0] + b_out).reshape(shape)
+    return (u, U[:, 1].reshape(shape), U[:, 2].reshape(shape)), [H, shared, groups, n, saved]
+
+
+def _jet_backward(grads: Sequence[Tensor | None], inputs: Tensor, scale: Tensor, depth: int,
+                  params: Sequence[Tensor], state: list[Any], input_grad: bool
+                  ) -> tuple[Tensor | None, list[Tensor]]:
+    """Reverse mode through :func:`_jet_forward`: the gradients with respect to the inputs (if
+    ``input_grad``) and to ``params``, for the cotangents ``grads`` of ``(u, u', u'')``.
+
+    Per layer, with ``P = (swish(a), swish'(a)a', swish''(a)a'² + swish'(a)a'')`` and
+    ``H = P ⊙ s``: ``s̄ = Σ_k H̄_k ⊙ P_k``, ``P̄ = H̄ ⊙ s``,
+    ``ā = P̄₀ swish' + P̄₁ a' swish'' + P̄₂ (swish''' a'² + swish'' a'')``,
+    ``ā' = P̄₁ swish' + 2 P̄₂ swish'' a'``, ``ā'' = P̄₂ swish'``; ``W̄ = Σ_k Ā_kᵀ H_k``,
+    ``H̄_in = Ā W``, with ``swish''' = σ'((1 − 2σ)(3 + a(1 − 2σ)) − 2aσ')``. Only the value is
+    propagated when ``u'`` and ``u''`` have no cotangent.
+    """
+    H, shared, groups, n, saved = state
+    lower, upper = params[:2 * depth], params[2 * depth:4 * depth]
+    w_out = params[4 * depth]
+    K = 1 if grads[1] is None and grads[2] is None else 3
+    gU = torch.stack([H.new_zeros(()).expand(groups, n) if g is None
+                      else g.reshape(groups, n) for g in grads[:K]], 1)  # (G, K, n)
+    out: list[Tensor | None] = [None] * len(params)
+    Hk = H if K == 3 else H[:, :1]
+    out[4 * depth] = _wgrad(gU.reshape(groups, K * n, 1), Hk.reshape(groups, K * n, -1), shared)
+    out[4 * depth + 1] = gU[:, 0].sum().reshape(1) if shared else gU[:, 0].sum(1, keepdim=True)
+    Hbar = gU.unsqueeze(-1) * (w_out if shared else w_out.unsqueeze(1))  # (G, K, n, width)
+    s_next: Tensor | None = None
+    h0bar: Tensor | None = None
+    for i in reversed(range(depth)):
+        h_in, s_prev, s, a1, a2, q, aq, omt, x, d1, d2, t, P = saved[i]
+        W, V = lower[2 * i], upper[2 * i]
+        sbar = (Hbar * (P if K == 3 else P[:, :1])).sum(1)
+        if s_next is not None:
+            sbar = sbar + s_next
+        Pbar = Hbar * s.unsqueeze(1)
+        if K == 1:
+            abar = Pbar[:, 0] * d1
+            Abar = abar.unsqueeze(1)
+        else:
+            p0, p1, p2 = Pbar.unbind(1)
+            d3 = q * torch.sub(omt * (x + 3.0), aq, alpha=2.0)  # swish'''
+            t3 = d3 * a1 * a1 if a2 is None else torch.addcmul(d3 * a1 * a1, d2, a2)
+            abar = torch.addcmul(torch.addcmul(p0 * d1, p1, t), p2, t3)
+            a1bar = torch.addcmul(p1 * d1, p2, t, value=2.0)
+            Abar = torch.stack([abar, a1bar, p2 * d1], 1) if i else abar.unsqueeze(1)
+        if i == 0:
+            gW = _wgrad(abar, h_in, shared)
+            if K == 3:
+                gW[..., :, 0] += scale[0] * _rowsum(a1bar, shared)
+            if input_grad:
+                h0bar = abar @ W if shared else torch.bmm(abar, W)
+        else:
+            kk = Abar.shape[1]
+            flat = Abar.reshape(groups, kk * n, -1)
+            Hk = h_in if kk == 3 else h_in[:, :1]
+            gW = _wgrad(flat, Hk.reshape(groups, kk * n, -1), shared)
+            Hbar = (flat @ W if shared else torch.bmm(flat, W)).view(groups, kk, n, -1)
+        out[2 * i], out[2 * i + 1] = gW, _rowsum(abar, shared)
+        out[2 * depth + 2 * i] = _wgrad(sbar, s_prev, shared)
+        out[2 * depth + 2 * i + 1] = _rowsum(sbar, shared)
+        if i or input_grad:
+            s_next = sbar @ V if shared else torch.bmm(sbar, V)
+    zbar = None
+    if input_grad:
+        assert h0bar is not None and s_next is not None
+        h0bar[..., 1:] += s_next
+        zbar = (h0bar * scale).reshape(inputs.shape)
+    return zbar, out  # type: ignore[return-value]
+
+
+class _FusedJet(torch.autograd.Function):
+    """:meth:`HelmholtzNet.jet` as one autograd node: forward without recording, backward by
+    :func:`_jet_backward` (one pass of hand-written reverse mode instead of autograd's node per
+    operation). Inputs ``(inputs, input_scale, depth, *params)``; outputs ``(u, u', u'')``."""
+
+    @staticmethod
+    def forward(ctx: Any, inputs: Tensor, scale: Tensor, depth: int,
+                *params: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        outs, state = _jet_forward(inputs, scale, depth, params)
+        ctx.save_for_backward(inputs, scale, *params)
+        ctx.depth, ctx.state = depth, state
+        ctx.set_materialize_grads(False)
+        return outs
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        if torch.is_grad_enabled():  # create_graph=True: the hand-written pass has no graph
+            raise RuntimeError("HelmholtzNet's fused jet is differentiable once; build the "
+                               "network with fused=False for higher derivatives")
+        inputs, scale, *params = ctx.saved_tensors
+        if all(g is None for g in grads):
+            return (None,) * (3 + len(params))
+        zbar, pbar = _jet_backward(grads, inputs, scale, ctx.depth, params, ctx.state,
+                                   ctx.needs_input_grad[0])
+        keep = ctx.needs_input_grad[3:]
+        return (zbar, None, None, *(g if k else None for g, k in zip(pbar, keep, strict=True)))
 
 
 def helmholtz_residual(net: Callable[..., Any], inputs: Tensor) -> tuple[Tensor, Tensor]:
@@ -267,7 +509,8 @@ class HelmholtzConfig:
     """Settings of ``ccnn helmholtz`` (the paper's where it gives them).
 
     Attributes:
-        methods: any of :data:`METHODS`. ``projection`` shares the unconstrained run's training
+        methods: any of :data:`METHODS` (default :data:`DEFAULT_METHODS`, all but ``kkt``).
+            ``projection`` shares the unconstrained run's training
             (same seed, the original is never influenced) and projects a clone after each epoch.
         epochs: training epochs (paper: 40; the default keeps the run under 10 minutes on 2 CPU
             cores, see docs/helmholtz.md).
@@ -281,6 +524,11 @@ class HelmholtzConfig:
         waves_per_axis, points: training data, 10³ waves × 50 points.
         test_points: points of the test wave (A = 1, k = 1, φ = 0), paper: 500.
         soft_weight: λ of the soft penalty ``mean f + λ Σ_i r_i²``; None means 1/batch_size.
+        lagrangian_rho: ρ of the Lagrangian (augmented term and dual step); None means
+            2/batch_size, whose augmented term ``(ρ/2) Σ r²`` is the soft penalty.
+        kkt_correction, kkt_rtol, kkt_maxit: the KKT step's share of the residual removed per
+            step (1: the paper's Eq. 5) and its MINRES-QLP tolerance and iteration cap (those
+            of ``ccnn pose``). The KKT step is plain (projected) SGD with learning rate ``lr``.
         huber_delta: δ of the Huber reduction of the reduction version.
         coupling: the full version's ``"batch"`` or ``"sample"`` system (see ccnn.hard.tanabe).
         batched_params: Jacobians from one pass over parameter copies (default) instead of
@@ -298,7 +546,7 @@ class HelmholtzConfig:
         dtype: ``"float32"`` or ``"float64"``.
     """
 
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = DEFAULT_METHODS
     epochs: int = 10
     batch_size: int = 100
     lr: float = 1e-2
@@ -309,6 +557,10 @@ class HelmholtzConfig:
     points: int = 50
     test_points: int = 500
     soft_weight: float | None = None
+    lagrangian_rho: float | None = None
+    kkt_correction: float = 1.0
+    kkt_rtol: float = 1e-4
+    kkt_maxit: int = 20
     huber_delta: float = 1.0
     coupling: str = "batch"
     batched_params: bool = True
@@ -330,7 +582,7 @@ class HelmholtzConfig:
             raise ValueError(f"methods must be a non-empty subset of {METHODS}, got "
                              f"{self.methods!r}")
         for name in ("epochs", "batch_size", "width", "depth", "waves_per_axis", "points",
-                     "projection_batch", "projection_check_every"):
+                     "projection_batch", "projection_check_every", "kkt_maxit"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -351,6 +603,18 @@ class HelmholtzConfig:
                 self.soft_weight, int | float) or not 0 <= self.soft_weight < math.inf):
             raise ValueError(f"soft_weight must be None or a number >= 0, got "
                              f"{self.soft_weight!r}")
+        if self.lagrangian_rho is not None and (isinstance(self.lagrangian_rho, bool) or not
+                                                isinstance(self.lagrangian_rho, int | float)
+                                                or not 0 < self.lagrangian_rho < math.inf):
+            raise ValueError(f"lagrangian_rho must be None or a finite number > 0, got "
+                             f"{self.lagrangian_rho!r}")
+        if isinstance(self.kkt_correction, bool) or not isinstance(
+                self.kkt_correction, int | float) or not 0 < self.kkt_correction <= 1:
+            raise ValueError(f"kkt_correction must be a number in (0, 1], got "
+                             f"{self.kkt_correction!r}")
+        if isinstance(self.kkt_rtol, bool) or not isinstance(self.kkt_rtol, int | float) or not (
+                0 <= self.kkt_rtol < 1):
+            raise ValueError(f"kkt_rtol must be a number in [0, 1), got {self.kkt_rtol!r}")
         if self.projection_threshold < 0:
             raise ValueError(f"projection_threshold must be >= 0, got "
                              f"{self.projection_threshold!r}")
@@ -378,7 +642,11 @@ class HelmholtzConfig:
 Step = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
-def _optimizer(name: str, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+def _optimizer(name: str, model: nn.Module, lr: float, *, correction: float = 1.0,
+               rtol: float = 1e-4, maxit: int = 20) -> torch.optim.Optimizer:
+    """``"sgd"``, ``"adam"`` or ``"hard-sgd"`` (the KKT step, :class:`ccnn.hard.HardSGD`)."""
+    if name == "hard-sgd":
+        return HardSGD(model, lr=lr, rtol=rtol, maxit=maxit, correction=correction)
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=lr)
     return torch.optim.Adam(model.parameters(), lr=lr)
@@ -387,13 +655,16 @@ def _optimizer(name: str, model: nn.Module, lr: float) -> torch.optim.Optimizer:
 def make_step(method: str, model: HelmholtzNet, opt: torch.optim.Optimizer, *,
               batch_size: int, soft_weight: float | None = None, huber_delta: float = 1.0,
               coupling: str = "batch", batched_params: bool = True, solver: str = "auto",
-              pool_size: int | None = None, constraints: int = 1) -> Step:
+              pool_size: int | None = None, constraints: int = 1,
+              lagrangian_rho: float | None = None) -> Step:
     """One training step of ``method``: ``step(inputs, targets, index) -> (f, r)``.
 
     ``f`` is the batch's mean squared error and ``r`` the residuals ``(B,)`` / ``(B, M)``, both
-    detached. Every method evaluates the residual of its batch (the curves of Fig. 10 need it),
-    so the timings compare the same work apart from the constraint handling; ``"bare"`` is the
-    unconstrained step without it.
+    detached and evaluated before the step. Every method evaluates the residual of its batch
+    (the curves of Fig. 10 need it), so the timings compare the same work apart from the
+    constraint handling; ``"bare"`` is the unconstrained step without it. ``"lagrangian"``
+    needs ``pool_size`` (one multiplier per sample, ``index`` names the batch's samples);
+    ``"kkt"`` needs ``opt`` to be a :class:`~ccnn.hard.HardSGD`.
     """
 
     def fn(net: Callable[..., Any], z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -421,6 +692,11 @@ def make_step(method: str, model: HelmholtzNet, opt: torch.optim.Optimizer, *,
             opt.step()
             return fbar.detach(), r.detach()
         return plain
+    if method == "lagrangian":
+        return _lagrangian_step(model, opt, fn, batch_size, pool_size, constraints,
+                                lagrangian_rho)
+    if method == "kkt":
+        return _kkt_step(opt, constraints)
     if method == "reduction":
         tanabe = Tanabe(model, version="reduction", reduction="huber", huber_delta=huber_delta,
                         solver=solver, batched_params=batched_params)  # type: ignore[arg-type]
@@ -441,6 +717,47 @@ def make_step(method: str, model: HelmholtzNet, opt: torch.optim.Optimizer, *,
         return step.f, r
 
     return constrained
+
+
+def _lagrangian_step(model: HelmholtzNet, opt: torch.optim.Optimizer,
+                     fn: Callable[..., tuple[Tensor, Tensor]], batch_size: int,
+                     pool_size: int | None, constraints: int, rho: float | None) -> Step:
+    """The augmented Lagrangian step and the dual ascent of the batch's multipliers (Eq. 4 of
+    Márquez-Neila, Salzmann and Fua 2017, the method of multipliers)."""
+    if pool_size is None:
+        raise ValueError("method 'lagrangian' needs pool_size (one multiplier per sample)")
+    rho = 2.0 / batch_size if rho is None else rho
+    dtype = next(model.parameters()).dtype
+    multipliers = IndexedMultipliers(pool_size, constraints, dtype=dtype)
+    dual = DualAscent(multipliers, rho=rho)
+
+    def step(z: Tensor, y: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        opt.zero_grad(set_to_none=True)
+        f, r = fn(model, z, y)
+        fbar = f.mean()
+        C = r.reshape(r.shape[0], -1)
+        lagrangian(fbar, C, multipliers(index), rho_aug=rho).backward()
+        opt.step()
+        dual.step(index, C.detach())
+        return fbar.detach(), r.detach()
+
+    return step
+
+
+def _kkt_step(opt: torch.optim.Optimizer, constraints: int) -> Step:
+    """The KKT hard step (Eq. 5 of Márquez-Neila, Salzmann and Fua 2017) on the batch's
+    residuals, by :class:`~ccnn.hard.HardSGD`."""
+    if not isinstance(opt, HardSGD):
+        raise ValueError(f"method 'kkt' needs a HardSGD optimizer, got {type(opt).__name__}")
+
+    def step(z: Tensor, y: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        result = opt.step(lambda net: (net(z) - y).square().mean(),
+                          lambda net: _residuals(net, z, constraints)[0])
+        r = result.constraint_values
+        r = r if constraints == 1 else r.view(z.shape[0], constraints)
+        return torch.tensor(result.loss_value, dtype=z.dtype), r
+
+    return step
 
 
 # ---- training ---------------------------------------------------------------------------------
@@ -511,13 +828,13 @@ def _train(method: str, cfg: HelmholtzConfig, train: tuple[Tensor, Tensor],
     dtype = cfg.torch_dtype
     model = HelmholtzNet(cfg.width, cfg.depth, generator=torch.Generator().manual_seed(cfg.seed),
                          dtype=dtype)
-    opt = _optimizer(cfg.optimizer, model, cfg.lr)
+    opt = _optimizer("hard-sgd" if method == "kkt" else cfg.optimizer, model, cfg.lr,
+                     correction=cfg.kkt_correction, rtol=cfg.kkt_rtol, maxit=cfg.kkt_maxit)
     n = train[0].shape[0]
     step = make_step(method, model, opt, batch_size=cfg.batch_size,
                      soft_weight=cfg.soft_weight, huber_delta=cfg.huber_delta,
                      coupling=cfg.coupling, batched_params=cfg.batched_params,
-                     solver=cfg.solver,
-                     pool_size=n)
+                     solver=cfg.solver, pool_size=n, lagrangian_rho=cfg.lagrangian_rho)
     order = torch.Generator().manual_seed(cfg.seed + 1)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     rec: dict[str, Any] = {"data_loss": [], "residual_quantiles": [], "test": [],
@@ -666,27 +983,30 @@ def _time_setting(methods: Sequence[str], *, batch_size: int, width: int, constr
     for method in methods:
         model = HelmholtzNet(width, 3, generator=torch.Generator().manual_seed(seed),
                              dtype=dtype)
-        opt = _optimizer("adam", model, 1e-3)
         base, _, variant = method.partition(":")
+        opt = _optimizer("hard-sgd" if base == "kkt" else "adam", model, 1e-3)
         runners[method] = make_step(
             base, model, opt, batch_size=batch_size, batched_params=batched_params,
             solver=variant or solver, pool_size=n, constraints=constraints)  # type: ignore
     samples: dict[str, list[float]] = {m: [] for m in methods}
+    cpu: dict[str, list[float]] = {m: [] for m in methods}
     for rep in range(repeats + 1):  # the first round warms up and is not kept
         for method, step in runners.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             for i in range(steps if rep else 2):
                 idx = batches[i % len(batches)]
                 step(data[0][idx], data[1][idx], idx)
             if rep:
                 samples[method].append((time.perf_counter() - start) / steps)
+                cpu[method].append((time.process_time() - start_cpu) / steps)
     out = {}
     for method, values in samples.items():
         mean = statistics.fmean(values)
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
         half = 1.96 * sd / math.sqrt(len(values))
         out[method] = {"seconds_per_iter": statistics.median(values), "mean": mean,
-                       "ci95": [mean - half, mean + half], "samples": values}
+                       "ci95": [mean - half, mean + half], "samples": values,
+                       "cpu_seconds_per_iter": statistics.median(cpu[method])}
     return out
 
 
@@ -701,6 +1021,7 @@ def run_timing(
     steps: int = 20,
     repeats: int = 7,
     methods: Sequence[str] = TIMED,
+    headline_extra: Sequence[str] = TIMED_EXTRA,
     seed: int = 0,
     dtype: str = "float32",
     batched_params: bool = True,
@@ -712,10 +1033,12 @@ def run_timing(
     The analogue of Figs. 7-9 of Jergensen (2019). The headline ``methods`` block is measured at
     ``batch_size`` (100), ``width`` (11: 639 parameters) and one constraint with twice the
     repeats; each sweep varies one of the three from there. Every step is a full training step
-    (residual of the batch, gradient, Adam update); the methods are interleaved within each
-    repeat so that a busy machine slows them alike. Also measured at the headline setting:
-    ``"bare"`` (the unconstrained step without computing the residual) and the full version
-    with MINRES-QLP (``"full:minres_qlp"``). Sweep values that are empty are skipped.
+    (residual of the batch, gradient, Adam update; the KKT step's own update); the methods are
+    interleaved within each repeat so that a busy machine slows them alike. Also measured at
+    the headline setting only: ``headline_extra`` (subset of :data:`TIMED_EXTRA`, reported
+    with ``methods``), ``"bare"`` (the unconstrained step without computing the residual) and
+    the full version with MINRES-QLP (``"full:minres_qlp"``). Sweep values that are empty are
+    skipped.
     """
     for name, values in (("batch_sizes", batch_sizes), ("widths", widths),
                          ("constraints", constraints)):
@@ -724,6 +1047,9 @@ def run_timing(
     bad = [m for m in methods if m not in TIMED]
     if bad or not methods:
         raise ValueError(f"methods must be a non-empty subset of {TIMED}, got {methods!r}")
+    if any(m not in TIMED_EXTRA for m in headline_extra):
+        raise ValueError(f"headline_extra must be a subset of {TIMED_EXTRA}, got "
+                         f"{headline_extra!r}")
     for name, value in (("batch_size", batch_size), ("width", width), ("steps", steps),
                         ("repeats", repeats)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -735,7 +1061,7 @@ def run_timing(
     data = make_data(generator=torch.Generator().manual_seed(seed), dtype=tdtype)
     common = {"steps": steps, "seed": seed, "dtype": tdtype, "batched_params": batched_params,
               "solver": solver, "data": data}
-    extra = ["bare", *methods]
+    extra = ["bare", *methods, *headline_extra]
     if "full" in methods:
         extra.append("full:minres_qlp")
     settings = [("headline", batch_size, width, 1, extra, 2 * repeats)]
@@ -767,16 +1093,25 @@ def run_timing(
     base = headline["unconstrained"]["seconds_per_iter"] if "unconstrained" in headline \
         else None
     bare = headline["bare"]["seconds_per_iter"]
+
+    def ratios(rec: dict[str, Any]) -> dict[str, float | None]:
+        unc = headline.get("unconstrained")
+        cpu, cpu_bare = rec["cpu_seconds_per_iter"], headline["bare"]["cpu_seconds_per_iter"]
+        return {"ratio_to_unconstrained": rec["seconds_per_iter"] / base if base else None,
+                "ratio_to_bare": rec["seconds_per_iter"] / bare,
+                "cpu_ratio_to_unconstrained": (cpu / unc["cpu_seconds_per_iter"]
+                                               if unc and unc["cpu_seconds_per_iter"] else None),
+                "cpu_ratio_to_bare": cpu / cpu_bare if cpu_bare else None}
+
     result: dict[str, Any] = {
         "setting": {"batch_size": batch_size, "parameters": parameter_count(width),
                     "width": width, "constraints": 1, "steps": steps, "repeats": 2 * repeats,
                     "dtype": dtype, "batched_params": batched_params, "solver": solver,
-                    "optimizer": "adam", "threads": torch.get_num_threads()},
-        "methods": {m: {**headline[m],
-                        "ratio_to_unconstrained": (headline[m]["seconds_per_iter"] / base
-                                                   if base else None),
-                        "ratio_to_bare": headline[m]["seconds_per_iter"] / bare}
-                    for m in methods},
+                    "optimizer": "adam (kkt: HardSGD)", "threads": torch.get_num_threads(),
+                    "clock": "wall (time.perf_counter), median over repeats; "
+                             "cpu_seconds_per_iter: process CPU time, median"},
+        "methods": {m: {**headline[m], **ratios(headline[m])}
+                    for m in (*methods, *headline_extra)},
         "bare": headline["bare"],
         "sweeps": sweeps,
     }
@@ -793,6 +1128,7 @@ def run_timing(
 # ---- figures ----------------------------------------------------------------------------------
 
 _COLORS = {"unconstrained": "tab:blue", "soft": "tab:orange", "reduction": "tab:green",
+           "lagrangian": "tab:olive", "kkt": "tab:cyan",
            "full": "tab:red", "projection": "tab:purple"}
 
 

@@ -1,16 +1,28 @@
-"""Backbone pretraining on an image-level classification set: the stand-in for ImageNet.
+"""Backbone pretraining on image-level labels: the stand-in for ImageNet.
 
-CCNN (Pathak, Krähenbühl, Darrell 2015) starts its segmentation network from VGG16 trained to
-classify ImageNet: image-level labels on a separate, larger set of images, whose features
-already tell objects apart.  :func:`pretrain` builds the same starting point for the small
-network on the synthetic default: it classifies single-object images of a separate split
-(``"pretrain"``, never used for segmentation) by their shape, through the network's features,
-global average pooling and a linear layer, with softmax cross-entropy.  Only image-level labels
-are used, so the weak-label methods stay weakly supervised; ``full`` starts from the same file.
+CCNN (Pathak, Krähenbühl and Darrell, "Constrained Convolutional Neural Networks for Weakly
+Supervised Segmentation", 2015) starts its segmentation network from VGG16 trained to classify
+ImageNet: image-level labels on a separate, larger set of images, whose features already tell
+objects apart.  :func:`pretrain` builds such a starting point for the small network, through the
+network's features, global average pooling and a linear layer, from one of two sources:
+
+* ``dataset="synthetic"`` (the default, the demo's): single-object images of a separate split of
+  the built-in generator (``"pretrain"``, never used for segmentation), classified by their
+  shape with softmax cross-entropy (:class:`ShapeCriterion`);
+* ``dataset="voc"`` or ``"camvid"``: the dataset's own training split, from its image-level
+  tags only — multi-label classification with a binary cross-entropy per class
+  (:class:`MultiLabelCriterion`), the background left out — so that a new domain without a
+  fitting ImageNet-like backbone gets one from its own tags.  Validation reports the mean
+  average precision of the tags (:func:`average_precision`), the per-tag accuracy and the share
+  of images whose tags are all right.
+
+Only image-level labels are used either way, so the weak-label methods stay weakly supervised;
+``full`` starts from the same file.  The epochs are :func:`ccnn.engine.train_one_epoch` with the
+poly schedule of :func:`ccnn.engine.lr_schedule` and random flips.
 
 The file it writes holds the network's ``features`` weights under ``state_dict`` (what
 ``--backbone-weights`` reads, see :class:`ccnn.models.SmallSegNet`), the classifier head, the
-validation accuracy and the configuration.
+validation accuracy, the validation metrics and the configuration.
 """
 
 from __future__ import annotations
@@ -24,8 +36,9 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
+from ccnn.data import build_dataset
 from ccnn.data.synthetic import SyntheticShapes
 from ccnn.data.transforms import Augmentation, normalize
 from ccnn.engine import (
@@ -40,19 +53,32 @@ from ccnn.io import atomic_save
 from ccnn.models import SmallSegNet
 from ccnn.progress import ProgressBar, on_terminal
 
-__all__ = ["PretrainConfig", "ShapeCriterion", "pretrain"]
+__all__ = ["LOSSES", "POOLS", "PRETRAIN_DATASETS", "MultiLabelCriterion", "PretrainConfig",
+           "ShapeCriterion", "average_precision", "pretrain", "tag_columns", "tag_metrics"]
 
 logger = logging.getLogger(__name__)
+
+PRETRAIN_DATASETS: tuple[str, ...] = ("synthetic", "voc", "camvid")
 
 
 @dataclass
 class PretrainConfig:
     """The classification pretraining run: images, schedule and seed.
 
-    Eight epochs of 3,000 images (about three minutes on two CPU cores) reached 88.8%, 78.8% and
-    96.4% validation accuracy on the five shapes with seeds 0-2, where six reached 73.6%, 66.8%
-    and 86.0% (chance: 20%); a higher rate (2e-3) stayed at chance for six epochs
-    (docs/training.md).
+    ``dataset`` is ``"synthetic"`` (the shape classification set; ``images``, ``val_images``
+    and ``image_size`` set its size) or a real dataset's name, read from ``data_root``: its
+    ``train_split`` trains and its ``val_split`` validates (all their images; ``crop`` takes a
+    random square crop of that many pixels from each training image, padding smaller ones).
+    ``pool`` is the classifier's global pooling, ``loss`` the multi-label loss
+    (:class:`MultiLabelCriterion`).  ``init`` names a backbone file (of an earlier ``pretrain``)
+    to start the features from instead of random weights: a backbone from another source (the
+    synthetic shapes) adapted to the dataset's own tags.
+
+    Synthetic: eight epochs of 3,000 images (about three minutes on two CPU cores) reached
+    88.8%, 78.8% and 96.4% validation accuracy on the five shapes with seeds 0-2, where six
+    reached 73.6%, 66.8% and 86.0% (chance: 20%); a higher rate (2e-3) stayed at chance for six
+    epochs (docs/training.md).  A dataset of ~1,000 images needs more epochs than 3,000 do
+    (docs/generality.md).
     """
 
     images: int = 3000
@@ -63,6 +89,14 @@ class PretrainConfig:
     weight_decay: float = 1e-4
     image_size: int = 64
     seed: int = 0
+    dataset: str = "synthetic"
+    data_root: str = "data"
+    train_split: str = "train"
+    val_split: str = "val"
+    crop: int | None = None
+    pool: str = "mean"
+    loss: str = "bce"
+    init: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("images", "val_images", "epochs", "batch_size"):
@@ -70,19 +104,33 @@ class PretrainConfig:
                 raise ValueError(f"pretrain {name} must be at least 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"pretrain lr must be positive, got {self.lr}")
+        if self.dataset not in PRETRAIN_DATASETS:
+            raise ValueError(f"pretrain dataset must be one of {PRETRAIN_DATASETS}, got "
+                             f"{self.dataset!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"pretrain loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.pool not in POOLS:
+            raise ValueError(f"pretrain pool must be one of {POOLS}, got {self.pool!r}")
+        if self.crop is not None and self.crop < 1:
+            raise ValueError(f"pretrain crop must be at least 1 pixel, got {self.crop}")
+
+
+POOLS: tuple[str, ...] = ("mean", "max")
 
 
 class _Classifier(nn.Module):
-    """The segmentation network's features, global average pooling and a linear layer
-    (on normalised images, as the segmentation network)."""
+    """The segmentation network's features, global pooling (``"mean"`` or ``"max"`` over the
+    positions) and a linear layer (on normalised images, as the segmentation network)."""
 
-    def __init__(self, net: SmallSegNet, classes: int) -> None:
+    def __init__(self, net: SmallSegNet, classes: int, pool: str = "mean") -> None:
         super().__init__()
         self.features = net.features
         self.head = nn.Linear(net.classifier.in_channels, classes)
+        self.pool = pool
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.head(self.features(images).mean((2, 3)))
+        features = self.features(images).flatten(2)
+        return self.head(features.mean(2) if self.pool == "mean" else features.amax(2))
 
 
 def _labels(batch: dict) -> Tensor:
@@ -98,40 +146,144 @@ class ShapeCriterion:
         return loss, {"loss": float(loss.detach())}
 
 
+def tag_columns(num_classes: int, background: int | None) -> Tensor:
+    """The classes a tag classifier predicts: every class but the background (always present)."""
+    return torch.tensor([c for c in range(num_classes) if c != background], dtype=torch.long)
+
+
+LOSSES: tuple[str, ...] = ("bce", "softmax")
+
+
+class MultiLabelCriterion:
+    """Multi-label classification from image-level tags, over the ``columns`` of the tags (every
+    class but the background, :func:`tag_columns`).
+
+    ``"bce"``: the mean binary cross-entropy of each class's logit with its tag.  ``"softmax"``:
+    the cross-entropy of the softmax over the classes with the tags normalised to sum to one
+    (Mahajan et al., "Exploring the Limits of Weakly Supervised Pretraining", 2018); an image
+    with one tag is then ordinary single-label classification.
+    """
+
+    def __init__(self, columns: Tensor, loss: str = "bce") -> None:
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        self.columns, self.kind = columns, loss
+
+    def __call__(self, logits: Tensor, batch: dict) -> tuple[Tensor, dict]:
+        targets = batch["tags"][:, self.columns].to(logits.device, logits.dtype)
+        if self.kind == "bce":
+            loss = nn.functional.binary_cross_entropy_with_logits(logits, targets)
+        else:
+            weights = targets / targets.sum(1, keepdim=True).clamp(min=1.0)
+            loss = -(weights * torch.log_softmax(logits, 1)).sum(1).mean()
+        return loss, {"loss": float(loss.detach())}
+
+
+def average_precision(scores: Tensor, targets: Tensor) -> Tensor:
+    """Average precision of each column: the mean, over the positives, of the precision among
+    the items scored at least as high as that positive (ties count together), ``(C,)``; NaN for
+    a column without positives.  The non-interpolated AP of information retrieval (e.g.
+    scikit-learn's ``average_precision_score``).
+
+    Args:
+        scores: ``(N, C)`` scores, higher meaning more likely positive.
+        targets: ``(N, C)`` 0/1 labels.
+    """
+    if scores.shape != targets.shape or scores.dim() != 2:
+        raise ValueError(f"scores and targets must be (N, C) of one shape, got "
+                         f"{tuple(scores.shape)} and {tuple(targets.shape)}")
+    out = torch.full((scores.shape[1],), float("nan"), dtype=torch.float64)
+    for c in range(scores.shape[1]):
+        s, t = scores[:, c].double(), targets[:, c].double()
+        if t.sum() == 0:
+            continue
+        above = s[None, :] >= s[:, None]  # above[i, j]: item j scores at least as high as i
+        positives = t.bool()
+        precision = (above[positives] * t).sum(1) / above[positives].sum(1)
+        out[c] = precision.mean()
+    return out
+
+
+def tag_metrics(logits: Tensor, targets: Tensor) -> dict:
+    """Validation metrics of a tag classifier on ``(N, C)`` logits and 0/1 tags.
+
+    ``map``: mean :func:`average_precision` over the classes tagged in at least one image;
+    ``tag_accuracy``: share of right tags (probability above 0.5 against the tag) over those
+    classes; ``accuracy``: share of images whose tags (all ``C`` classes) are all right;
+    ``ap``: the AP of each column (NaN where no image has the tag).
+    """
+    ap = average_precision(logits, targets)
+    seen = ~ap.isnan()
+    right = (logits > 0) == targets.bool()
+    return {"map": float(ap[seen].mean()) if bool(seen.any()) else float("nan"),
+            "tag_accuracy": float(right[:, seen].double().mean()) if bool(seen.any())
+            else float("nan"),
+            "accuracy": float(right.all(1).double().mean()), "ap": ap.tolist()}
+
+
 @torch.no_grad()
-def _accuracy(model: nn.Module, loader: DataLoader) -> float:
+def _predict(model: nn.Module, loader: DataLoader) -> tuple[Tensor, list[dict]]:
+    """The classifier's logits over ``loader`` and its batches."""
     model.eval()
-    right = total = 0
+    logits, batches = [], []
     for batch in loader:
-        right += int((model(normalize(batch["image"])).argmax(1) == _labels(batch)).sum())
-        total += len(batch["image"])
-    return right / total
+        logits.append(model(normalize(batch["image"])))
+        batches.append(batch)
+    return torch.cat(logits), batches
+
+
+def _shape_metrics(model: nn.Module, loader: DataLoader) -> dict:
+    """Shape classification accuracy on single-object images."""
+    logits, batches = _predict(model, loader)
+    labels = torch.cat([_labels(b) for b in batches])
+    return {"accuracy": float((logits.argmax(1) == labels).double().mean())}
+
+
+def _data(cfg: PretrainConfig) -> tuple[Dataset, Dataset, int]:
+    """Training and validation sets, and the number of classes of the segmentation network."""
+    if cfg.dataset == "synthetic":
+        data = SyntheticShapes("pretrain", cfg.images + cfg.val_images,
+                               image_size=cfg.image_size, max_objects=1, seed=cfg.seed)
+        return (Subset(data, range(cfg.images)), Subset(data, range(cfg.images, len(data))),
+                SyntheticShapes.num_classes)
+    train_set = build_dataset(cfg.dataset, cfg.train_split, cfg.data_root)
+    val_set = build_dataset(cfg.dataset, cfg.val_split, cfg.data_root)
+    return train_set, val_set, train_set.num_classes
 
 
 def pretrain(cfg: PretrainConfig, out: str | Path, *, progress_bar: bool = True,
              log: Callable[[str], None] | None = None) -> dict:
-    """Train the small network's features to classify shapes; write them to ``out``.
+    """Train the small network's features to classify images; write them to ``out``.
 
-    The epochs are :func:`ccnn.engine.train_one_epoch` with :class:`ShapeCriterion`, flips as
-    the segmentation runs have, and the poly schedule.  Returns ``{"accuracy", "seconds",
-    "path", "history"}`` (the mean training loss and the validation accuracy of each epoch in
-    ``history``).  Deterministic in ``cfg.seed`` on the CPU.
+    Synthetic: shapes of single-object images (:class:`ShapeCriterion`); a dataset: its
+    training images' tags (:class:`MultiLabelCriterion`).  The epochs are
+    :func:`ccnn.engine.train_one_epoch` with flips (and ``cfg.crop``) and the poly schedule.
+    Returns ``{"accuracy", "metrics", "seconds", "path", "history"}``: ``metrics`` are the last
+    epoch's validation metrics (``accuracy``; for a dataset also ``map`` and ``tag_accuracy``,
+    :func:`tag_metrics`), ``accuracy`` its ``accuracy``, ``history`` the mean training loss
+    and the validation metrics of each epoch.  Deterministic in ``cfg.seed`` on the CPU.
     """
     log = log or logger.info
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    data = SyntheticShapes("pretrain", cfg.images + cfg.val_images, image_size=cfg.image_size,
-                           max_objects=1, seed=cfg.seed)
-    train_set = Subset(data, range(cfg.images))
-    val_loader = eval_loader(Subset(data, range(cfg.images, len(data))), 100)
+    train_set, val_set, num_classes = _data(cfg)
+    synthetic = cfg.dataset == "synthetic"
+    val_loader = eval_loader(val_set, 100 if synthetic else 16)
+    if synthetic:
+        columns, criterion = None, ShapeCriterion()
+        outputs = len(SyntheticShapes.class_names) - 1
+    else:
+        columns = tag_columns(num_classes, train_set.background)
+        criterion, outputs = MultiLabelCriterion(columns, cfg.loss), len(columns)
     with seeded(cfg.seed):
-        model = _Classifier(SmallSegNet(SyntheticShapes.num_classes), len(data.class_names) - 1)
+        model = _Classifier(SmallSegNet(num_classes, backbone_weights=cfg.init), outputs,
+                            cfg.pool)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = -(-cfg.images // cfg.batch_size)
+    steps_per_epoch = -(-len(train_set) // cfg.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                   lr_schedule(steps_per_epoch, cfg.epochs))
-    criterion, augmentation, device = ShapeCriterion(), Augmentation(), torch.device("cpu")
+    augmentation, device = Augmentation(crop=cfg.crop), torch.device("cpu")
     history = []
     for epoch in range(cfg.epochs):
         loader = training_loader(train_set, cfg.batch_size, augmentation,
@@ -140,12 +292,20 @@ def pretrain(cfg: PretrainConfig, out: str | Path, *, progress_bar: bool = True,
         with ProgressBar(on_terminal(progress_bar), len(loader), title) as bar:
             stats = train_one_epoch(model, criterion, optimizer, scheduler, loader, device,
                                     progress=bar)
-        accuracy = _accuracy(model, val_loader)
-        history.append({"epoch": epoch + 1, "loss": stats["loss"], "accuracy": accuracy})
-        log(f"pretrain epoch {epoch + 1}/{cfg.epochs}: loss {stats['loss']:.4f}, "
-            f"val accuracy {accuracy:.3f}")
+        if synthetic:
+            metrics = _shape_metrics(model, val_loader)
+            shown = f"val accuracy {metrics['accuracy']:.3f}"
+        else:
+            logits, batches = _predict(model, val_loader)
+            metrics = tag_metrics(logits, torch.cat([b["tags"] for b in batches])[:, columns])
+            shown = (f"val tag mAP {metrics['map']:.3f}, tag accuracy "
+                     f"{metrics['tag_accuracy']:.3f}, all tags right {metrics['accuracy']:.3f}")
+        history.append({"epoch": epoch + 1, "loss": stats["loss"],
+                        **{k: v for k, v in metrics.items() if k != "ap"}})
+        log(f"pretrain epoch {epoch + 1}/{cfg.epochs}: loss {stats['loss']:.4f}, {shown}")
     state = {f"features.{k}": v for k, v in model.features.state_dict().items()}
-    atomic_save({"state_dict": state, "head": model.head.state_dict(), "accuracy": accuracy,
+    atomic_save({"state_dict": state, "head": model.head.state_dict(),
+                 "accuracy": metrics["accuracy"], "metrics": metrics,
                  "config": dataclasses.asdict(cfg)}, out)
-    return {"accuracy": accuracy, "seconds": time.perf_counter() - start, "path": str(out),
-            "history": history}
+    return {"accuracy": metrics["accuracy"], "metrics": metrics,
+            "seconds": time.perf_counter() - start, "path": str(out), "history": history}

@@ -17,7 +17,7 @@ from torch.func import functional_call, jacrev
 
 from ccnn.hard.posthoc import constraint_error, nonlinear_projection
 from ccnn.hard.tanabe import Tanabe, huber, input_derivatives, tanabe_multipliers
-from ccnn.helmholtz import HelmholtzNet, helmholtz_residual
+from ccnn.helmholtz import Affine, HelmholtzNet, helmholtz_residual
 
 DT = torch.float64
 
@@ -283,6 +283,90 @@ def test_batched_params_path_equals_vmap_path_on_helmholtz_net():
     np.testing.assert_allclose(step.lam.numpy().reshape(-1), 5 * Lam, rtol=1e-6)
 
 
+
+def _helmholtz_fn(constraints: int):
+    """Per-sample squared error and ``constraints`` residuals of the Helmholtz toy."""
+
+    def fn(n, z, y):
+        r, u = helmholtz_residual(n, z)
+        g = r[:, None] if constraints == 1 else torch.stack([r, u - 0.3 * z[:, 0]], 1)
+        return (u - y).square(), g
+
+    return fn
+
+
+def _mixed(g):
+    return g.square().mean(0) + 0.5 * g.abs().mean(0)
+
+
+@pytest.mark.parametrize("reduction", ["mse", "huber", "callable"])
+@pytest.mark.parametrize("constraints", [1, 2])
+def test_reduction_batched_params_equals_autograd_path_and_dense(reduction, constraints):
+    gen = torch.Generator().manual_seed(11)
+    net = HelmholtzNet(width=4, depth=2, generator=gen, dtype=DT)
+    z = torch.rand(6, 4, dtype=DT, generator=gen) * 2 - 1
+    y = torch.rand(6, dtype=DT, generator=gen)
+    fn = _helmholtz_fn(constraints)
+    red = _mixed if reduction == "callable" else reduction
+    kw = {"version": "reduction", "reduction": red, "huber_delta": 0.3}
+    a = Tanabe(net, **kw)(fn, z, y)
+    b = Tanabe(net, batched_params=True, **kw)(fn, z, y)
+    for x, w in ((b.lam, a.lam), (b.grad, a.grad), (b.reduced, a.reduced), (b.g, a.g),
+                 (b.f, a.f), (b.loss.detach(), a.loss.detach())):
+        np.testing.assert_allclose(x.numpy(), w.numpy(), rtol=1e-9, atol=1e-13)
+    reduce = {"mse": lambda g: g.square().mean(0), "huber": lambda g: huber(g, 0.3).mean(0),
+              "callable": _mixed}[reduction]
+
+    def reduced(n, z, y):
+        f, g = fn(n, z, y)
+        return f, reduce(g)[None, :]
+
+    grad_f, gt, J = _dense(net, reduced, z, y)
+    lam = np.linalg.pinv(J @ J.T) @ (-J @ grad_f + gt)
+    np.testing.assert_allclose(b.lam.numpy(), lam, rtol=1e-7, atol=1e-12)
+    np.testing.assert_allclose(_grad_after_backward(net, b.loss), grad_f + J.T @ lam,
+                               rtol=1e-7, atol=1e-12)
+    if constraints == 1:  # the scalar shortcut equals the general solve
+        c = Tanabe(net, solver="minres_qlp", batched_params=True, **kw)(fn, z, y)
+        np.testing.assert_allclose(c.lam.numpy(), b.lam.numpy(), rtol=1e-9)
+
+
+def test_batched_params_with_tied_weights_matches_the_plain_paths():
+    gen = torch.Generator().manual_seed(12)
+    net = HelmholtzNet(width=4, depth=3, generator=gen, dtype=DT)
+    net.upper[2].weight = net.upper[1].weight  # one parameter in two layers
+    z = torch.rand(5, 4, dtype=DT, generator=gen) * 2 - 1
+    y = torch.rand(5, dtype=DT, generator=gen)
+    fn = _helmholtz_fn(1)
+    for version in ("full", "reduction"):
+        a = Tanabe(net, version=version)(fn, z, y)
+        b = Tanabe(net, version=version, batched_params=True)(fn, z, y)
+        np.testing.assert_allclose(b.grad.numpy(), a.grad.numpy(), rtol=1e-8, atol=1e-13)
+        np.testing.assert_allclose(b.lam.numpy(), a.lam.numpy(), rtol=1e-8)
+
+
+def test_batched_params_reuses_copies_only_while_parameters_are_unchanged():
+    gen = torch.Generator().manual_seed(13)
+    net = HelmholtzNet(width=3, depth=2, generator=gen, dtype=DT)
+    z = torch.rand(4, 4, dtype=DT, generator=gen) * 2 - 1
+    y = torch.rand(4, dtype=DT, generator=gen)
+    fn = _helmholtz_fn(1)
+    tanabe = Tanabe(net, version="reduction", batched_params=True)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    for _ in range(3):  # in-place steps: the cached copies see the new values
+        opt.zero_grad()
+        tanabe(fn, z, y).loss.backward()
+        opt.step()
+    net.out.bias = nn.Parameter(net.out.bias.detach() + 1.0)  # a new tensor: new copies
+    for change in range(2):
+        got = tanabe(fn, z, y)
+        want = Tanabe(net, version="reduction")(fn, z, y)
+        np.testing.assert_allclose(got.grad.numpy(), want.grad.numpy(), rtol=1e-9, atol=1e-13)
+        np.testing.assert_allclose(got.f.numpy(), want.f.numpy(), rtol=1e-12)
+        if not change:  # a new module: its parameter table changes too
+            net.out = Affine(3, 1, generator=gen, dtype=DT)
+
+
 def test_bad_arguments_raise_clear_errors():
     model = _mlp()
     x = torch.randn(3, 2, dtype=DT)
@@ -309,6 +393,11 @@ def test_bad_arguments_raise_clear_errors():
         Tanabe(model)(_fn_two, x, torch.zeros(2))
     with pytest.raises(ValueError, match="order must be a non-negative int"):
         input_derivatives(torch.sin, x, x, order=-1)
+    net = HelmholtzNet(width=3, depth=1, dtype=DT)
+    z = torch.rand(3, 4, dtype=DT)
+    with pytest.raises(ValueError, match="needs residuals per row of the batch"):
+        Tanabe(net, version="reduction", batched_params=True)(
+            lambda n, z: (n(z), helmholtz_residual(n, z[:2])[0]), z)
 
 
 # ---- nonlinear projection after training ------------------------------------------------------

@@ -11,8 +11,10 @@ import torch
 from torch.func import functional_call, jacrev, vmap
 
 from ccnn.cli import main
+from ccnn.hard.optim import HardSGD
 from ccnn.hard.tanabe import input_derivatives
 from ccnn.helmholtz import (
+    METHODS,
     HelmholtzConfig,
     HelmholtzNet,
     helmholtz_residual,
@@ -91,6 +93,46 @@ def test_jet_equals_nested_jvp_and_finite_differences():
                                atol=1e-6)
 
 
+
+def _copies(net, groups, gen):
+    """The parameters of ``net`` by name: as they are (``groups == 1``) or ``groups`` perturbed
+    copies with a leading dimension (the per-group weights of the batched_params protocol)."""
+    if groups == 1:
+        return dict(net.named_parameters())
+    return {n: (p.detach().unsqueeze(0).expand(groups, *p.shape)
+                + 0.1 * torch.randn(groups, *p.shape, generator=gen, dtype=DT)).requires_grad_()
+            for n, p in net.named_parameters()}
+
+
+@pytest.mark.parametrize(("groups", "rows"), [(1, 7), (6, 1), (3, 2), (2, 5)])
+def test_fused_jet_equals_autograd_jet_in_values_and_gradients(groups, rows):
+    gen = torch.Generator().manual_seed(4)
+    net = HelmholtzNet(width=5, depth=3, generator=gen, dtype=DT)
+    params = _copies(net, groups, gen)
+    z = (torch.rand(groups * rows, 4, generator=gen, dtype=DT) * 2 - 1).requires_grad_()
+    leaves = [z, *params.values()]
+    for used in ((1, 1, 1), (1, 0, 0), (0, 0, 1), (0, 1, 0)):
+        cot = [torch.randn(groups * rows, generator=gen, dtype=DT) if u else None for u in used]
+        got = []
+        for fused in (True, False):
+            net.fused = fused
+            outs = functional_call(net, params, (z,), {"derivatives": True})
+            loss = sum((o * c).sum() for o, c in zip(outs, cot, strict=True) if c is not None)
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+            got.append(([o.detach() for o in outs],
+                        [torch.zeros_like(x) if g is None else g
+                         for g, x in zip(grads, leaves, strict=True)]))
+        (outs_f, grads_f), (outs_a, grads_a) = got
+        for a, b in zip(outs_f, outs_a, strict=True):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-12, atol=1e-14)
+        for a, b in zip(grads_f, grads_a, strict=True):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10, atol=1e-13)
+    net.fused = True
+    u, _, u2 = functional_call(net, params, (z,), {"derivatives": True})
+    with pytest.raises(RuntimeError, match="fused jet is differentiable once"):
+        torch.autograd.grad((u + u2).sum(), leaves[1:], create_graph=True)
+
+
 def test_residual_of_known_functions():
     z = torch.tensor([[0.3, 2.0, 4.0, 0.1], [-0.7, 0.5, 1.5, -0.4]], dtype=DT)
     A, k, phi, x = z[:, 1], z[:, 2], z[:, 3], z[:, 0]
@@ -134,11 +176,12 @@ def test_parameter_copies_give_per_sample_values_and_gradients():
                                net(z).detach().numpy(), rtol=1e-12)
 
 
-@pytest.mark.parametrize("method", ["unconstrained", "soft", "reduction", "full", "bare"])
+@pytest.mark.parametrize("method", ["unconstrained", "soft", "lagrangian", "reduction", "full",
+                                    "kkt", "bare"])
 def test_each_step_runs_and_reports(method):
     gen = torch.Generator().manual_seed(2)
     net = HelmholtzNet(width=4, generator=gen)
-    opt = torch.optim.SGD(net.parameters(), lr=1e-4)
+    opt = HardSGD(net, lr=1e-4) if method == "kkt" else torch.optim.SGD(net.parameters(), lr=1e-4)
     z = torch.rand(8, 4, generator=gen)
     y = torch.rand(8, generator=gen)
     ref = HelmholtzNet(width=4, generator=torch.Generator().manual_seed(2))  # = net's start
@@ -155,6 +198,77 @@ def test_each_step_runs_and_reports(method):
         np.testing.assert_allclose(r.numpy(), want.numpy(), rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="method must be one of"):
         make_step("hard", net, opt, batch_size=8)
+    if method == "kkt":
+        with pytest.raises(ValueError, match="method 'kkt' needs a HardSGD optimizer"):
+            make_step("kkt", net, torch.optim.SGD(net.parameters(), lr=1e-4), batch_size=8)
+    if method == "lagrangian":
+        with pytest.raises(ValueError, match="method 'lagrangian' needs pool_size"):
+            make_step("lagrangian", net, opt, batch_size=8)
+
+
+def _flat_params(net):
+    return torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+
+
+def test_lagrangian_step_is_the_augmented_lagrangian_with_dual_ascent():
+    gen = torch.Generator().manual_seed(5)
+    net = HelmholtzNet(width=3, depth=1, generator=gen, dtype=DT)
+    ref = HelmholtzNet(width=3, depth=1, generator=torch.Generator().manual_seed(5), dtype=DT)
+    z = torch.rand(5, 4, generator=gen, dtype=DT)
+    y = torch.rand(5, generator=gen, dtype=DT)
+    index = torch.tensor([0, 2, 4, 6, 8])
+    rho, lr = 0.3, 1e-3
+    step = make_step("lagrangian", net, torch.optim.SGD(net.parameters(), lr=lr), batch_size=5,
+                     pool_size=10, lagrangian_rho=rho)
+    lam = torch.zeros(5, dtype=DT)
+    for _ in range(3):  # SGD on f̄ + Σ Λ_i r_i + (ρ/2) Σ r_i², then Λ_i += ρ r_i (by hand)
+        r, u = helmholtz_residual(ref, z)
+        loss = (u - y).square().mean() + (lam * r).sum() + 0.5 * rho * r.square().sum()
+        grads = torch.autograd.grad(loss, list(ref.parameters()))
+        with torch.no_grad():
+            for p, g in zip(ref.parameters(), grads, strict=True):
+                p -= lr * g
+        lam = lam + rho * r.detach()
+        f, got_r = step(z, y, index)
+        assert float(f) == pytest.approx(float((u - y).square().mean()), rel=1e-12)
+        np.testing.assert_allclose(got_r.numpy(), r.detach().numpy(), rtol=1e-12)
+        np.testing.assert_allclose(_flat_params(net).numpy(), _flat_params(ref).numpy(),
+                                   rtol=1e-11, atol=1e-14)
+    assert float(lam.abs().min()) > 0
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.25])
+def test_kkt_step_is_the_projected_gradient_step_of_eq5(alpha):
+    gen = torch.Generator().manual_seed(6)
+    net = HelmholtzNet(width=3, depth=1, generator=gen, dtype=DT)
+    z = torch.rand(4, 4, generator=gen, dtype=DT)
+    y = torch.rand(4, generator=gen, dtype=DT)
+    lr = 0.05
+    names = [n for n, _ in net.named_parameters()]
+    shapes = [p.shape for p in net.parameters()]
+    theta = _flat_params(net)
+
+    def at(vec):
+        parts = torch.split(vec, [math.prod(s) for s in shapes])
+        return {n: t.view(s) for n, t, s in zip(names, parts, shapes, strict=True)}
+
+    def f_of(vec):
+        return (functional_call(net, at(vec), (z,)) - y).square().mean()
+
+    def c_of(vec):
+        return helmholtz_residual(lambda x, **kw: functional_call(net, at(vec), (x,), kw), z)[0]
+
+    g = jacrev(f_of)(theta).numpy()
+    J = jacrev(c_of)(theta).numpy()
+    C = c_of(theta).detach().numpy()
+    pinv = np.linalg.pinv(J)
+    want = -lr * (g - pinv @ (J @ g)) - alpha * pinv @ C  # −η⁻¹(I − J⁺J)∇f − αJ⁺C
+    opt = HardSGD(net, lr=lr, rtol=1e-13, maxit=200, correction=alpha)
+    f, r = make_step("kkt", net, opt, batch_size=4)(z, y, torch.arange(4))
+    assert float(f) == pytest.approx(float(f_of(theta)), rel=1e-12)
+    np.testing.assert_allclose(r.numpy(), C, rtol=1e-12)
+    np.testing.assert_allclose((_flat_params(net) - theta).numpy(), want, rtol=1e-6,
+                               atol=1e-9)
 
 
 def test_soft_step_gradient_uses_one_over_batch_weight():
@@ -188,10 +302,11 @@ def _without_seconds(obj):
 
 
 def test_run_helmholtz_is_deterministic_and_writes_figures(tmp_path):
-    cfg = _tiny()
+    cfg = _tiny(methods=METHODS)
+    assert "kkt" in METHODS and "kkt" not in HelmholtzConfig().methods
     first = run_helmholtz(cfg, tmp_path / "a")
     second = run_helmholtz(cfg, None)
-    for m in ("unconstrained", "soft", "reduction", "full"):
+    for m in ("unconstrained", "soft", "lagrangian", "reduction", "full", "kkt"):
         assert first["methods"][m]["data_loss"] == second["methods"][m]["data_loss"]
         assert first["methods"][m]["test_prediction"] == second["methods"][m]["test_prediction"]
         assert len(first["methods"][m]["data_loss"]) == 2
@@ -222,6 +337,12 @@ def test_config_rejects_bad_values():
         HelmholtzConfig(optimizer="lbfgs")
     with pytest.raises(ValueError, match="keep_data must hold"):
         HelmholtzConfig(keep_data=("all",))
+    with pytest.raises(ValueError, match="lagrangian_rho must be None or a finite number > 0"):
+        HelmholtzConfig(lagrangian_rho=0.0)
+    with pytest.raises(ValueError, match=r"kkt_correction must be a number in \(0, 1\]"):
+        HelmholtzConfig(kkt_correction=1.5)
+    with pytest.raises(ValueError, match=r"kkt_rtol must be a number in \[0, 1\)"):
+        HelmholtzConfig(kkt_rtol=-1.0)
     with pytest.raises(ValueError, match="waves_per_axis must be an int >= 1"):
         make_data(0)
     with pytest.raises(ValueError, match="points must be an int >= 2"):
@@ -236,7 +357,10 @@ def test_cli_timing_json_shape(tmp_path, capsys):
                "--timing-repeats", "2", "--no-progress"])
     assert rc == 0
     data = json.loads(path.read_text())
-    assert set(data["methods"]) == {"unconstrained", "soft", "reduction", "full"}
+    assert set(data["methods"]) == {"unconstrained", "soft", "reduction", "full", "lagrangian",
+                                    "kkt"}
+    assert set(data["sweeps"]["batch_size"]["methods"]) == {"unconstrained", "soft",
+                                                            "reduction", "full"}
     for rec in data["methods"].values():
         assert rec["seconds_per_iter"] > 0 and math.isfinite(rec["seconds_per_iter"])
         assert len(rec["samples"]) == 4

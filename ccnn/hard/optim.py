@@ -58,6 +58,15 @@ class _HardOptimizer(torch.optim.Optimizer):
     def __init__(self, model: nn.Module, defaults: dict[str, Any]) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            # Each step solves one KKT system over the batch's constraints: sharded across
+            # processes, its products J v and Jᵀ u would have to be summed across them, and
+            # DDP only averages gradients after a backward pass.
+            raise ValueError(
+                f"{type(self).__name__} does not support DistributedDataParallel (DDP): its "
+                "KKT system couples the whole batch's constraints, which DDP shards across "
+                "processes; train on one process (docs/distributed.md)"
+            )
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("model has no parameters that require grad")

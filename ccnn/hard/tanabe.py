@@ -39,16 +39,22 @@ Two versions (Jergensen §"Constrained optimization", minibatches):
     residual, or the mean Huber error the paper used), ``L = f̄ + Σ_j λ̃_j g̃_j`` (Eq. 6, 10).
 
 The Jacobians. The reduction version takes ``1 + M'`` backward passes through the batch's graph
-(``∇f̄`` and each ``∇g̃_j``). The full version forms per-sample Jacobians with
-:func:`torch.func.vmap` over :func:`torch.func.jacrev` (any model whose samples are independent),
-or, with ``batched_params=True``, from one forward and one backward pass: the model must then
-accept parameters with a leading dimension ``G`` (copies) and split the rows of its input into
-``G`` equal consecutive groups, group ``i`` using copy ``i`` (:class:`ccnn.helmholtz.HelmholtzNet`
-does; ``torch.nn.Linear`` does not). The batch is repeated ``1 + M`` times with one parameter copy
-per row, and the gradient of ``Σ_i f_i`` (first repetition) plus ``Σ_i g_ij`` (repetition
-``j + 1``) with respect to the copies holds every per-sample ``∇f_i`` and ``∇g_ij``. On small
-networks, where each operation's fixed cost dominates, this is faster than ``vmap`` (measured in
-docs/helmholtz.md).
+(``∇f̄`` and each ``∇g̃_j``), or, with ``batched_params=True`` (below), one: the batch is repeated
+``1 + M'`` times with one parameter copy per repetition and ``f̄`` of the first plus ``g̃_j`` of
+repetition ``j + 1`` is differentiated once. With one reduced constraint and the dense solver the
+multiplier is the scalar ``(g̃ − ∇g̃·∇f̄) / ‖∇g̃‖²`` (in ``solve_dtype``). The full version forms
+per-sample Jacobians with :func:`torch.func.vmap` over :func:`torch.func.jacrev` (any model whose
+samples are independent), or, with ``batched_params=True``, from one forward and one backward
+pass: the model must then accept parameters with a leading dimension ``G`` (copies) and split the
+rows of its input into ``G`` equal consecutive groups, group ``i`` using copy ``i``
+(:class:`ccnn.helmholtz.HelmholtzNet` does; ``torch.nn.Linear`` does not). For the full version
+the batch is repeated ``1 + M`` times with one parameter copy per row, and the gradient of
+``Σ_i f_i`` (first repetition) plus ``Σ_i g_ij`` (repetition ``j + 1``) with respect to the copies
+holds every per-sample ``∇f_i`` and ``∇g_ij``. On small networks, where each operation's fixed
+cost dominates, this is faster than ``vmap`` (measured in docs/helmholtz.md). The copies are
+expanded views of the parameters (no copy of the data), reused between calls while the
+parameters are the same tensors, and are put into the model by swapping its parameter tables
+(``torch.func.functional_call`` when a parameter is tied to several modules).
 
 The multiplier systems are small (``B·M × B·M`` at most), so they are formed densely from those
 Jacobians in ``solve_dtype`` and solved by a dense factorization up to ``dense_max`` unknowns
@@ -269,7 +275,7 @@ class _Carrier(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        return (None, None, *(grad_out * d for d in ctx.grads))
+        return (None, None, *torch._foreach_mul(ctx.grads, grad_out))
 
 
 @dataclass(frozen=True)
@@ -353,8 +359,10 @@ class Tanabe:
     pool_size : int, optional
         Number of distinct samples (for warm starts by ``index`` in the full version).
     batched_params : bool
-        Full version: the model takes ``G`` parameter copies (see the module docstring), so one
-        forward and one backward pass give every per-sample Jacobian (no ``vmap``).
+        The model takes ``G`` parameter copies (see the module docstring), so one forward and
+        one backward pass give every per-sample Jacobian (full version, no ``vmap``) or ``∇f̄``
+        and every ``∇g̃_j`` (reduction version; ``fn``'s residuals must then be per row of the
+        batch).
     solve_dtype : torch.dtype
         Dtype of the Gram matrices and solves (default float64: ``JJᵀ`` squares the condition).
     dense_max : int
@@ -416,6 +424,8 @@ class Tanabe:
         self._last: Tensor | None = None  # Λ of the previous step (system scaling)
         self._pool: Tensor | None = None  # Λ per pool sample, (pool_size, M)
         self._rows: int | None = None  # 1 + M of the last batched call
+        self._copy_cache: tuple[int, list[tuple[Tensor, int]], list[Tensor]] | None = None
+        self._slot_cache: tuple[tuple[str, ...], Any] | None = None
 
     # ---- state --------------------------------------------------------------------------------
 
@@ -459,8 +469,11 @@ class Tanabe:
             index = self._check_index(index, size)
         names, params = self._params()
         if self.version == "reduction":
-            fbar, g, gt, grad_f, J = self._reduction_autograd(fn, batch, params)
-            return self._reduction(fbar, g, gt, grad_f, J, params)
+            if self.batched_params:
+                fbar, g, gt, J = self._reduction_batched(fn, batch, names, params)
+            else:
+                fbar, g, gt, J = self._reduction_autograd(fn, batch, params)
+            return self._reduction(fbar, g, gt, J, params)
         if self.batched_params:
             f, g, Gf, Gg = self._jacobians_batched(fn, batch, names, params)
         else:
@@ -518,24 +531,86 @@ class Tanabe:
         return out[:, 0].detach(), out[:, 1:].detach(), J[:, 0], J[:, 1:]
 
     def _probe_rows(self, fn: StepFn, batch: tuple[Tensor, ...]) -> int:
-        """``1 + M``: rows of gradients per sample, from a cheap first-sample call (cached)."""
+        """``1 + M`` (full) or ``1 + M'`` (reduction): gradients per sample or per batch, from a
+        cheap first-sample call (cached)."""
         if self._rows is None:
             with torch.no_grad():
                 _, g = self._call_fn(fn, self.model, tuple(b[:1] for b in batch), 1)
-                self._rows = 1 + g.shape[1]
+                m = g.shape[1] if self.version == "full" else self._reduce(g).numel()
+                self._rows = 1 + m
         return self._rows
 
     def _batched_call(self, fn: StepFn, batch: tuple[Tensor, ...], names: list[str],
-                      params: list[Tensor], copies: int, groups: int
+                      params: list[Tensor], copies: int, groups: int, any_rows: bool = False
                       ) -> tuple[Tensor, Tensor, list[Tensor]]:
         """``fn`` on the batch repeated ``copies`` times with ``groups`` parameter copies."""
         size = batch[0].shape[0]
         stacked = tuple(b.repeat(copies, *([1] * (b.dim() - 1))) for b in batch)
+        leaves = self._copies(params, groups)
+        f, g = self._call_fn(fn, self._swapped_net(names, params, leaves), stacked, copies * size,
+                             any_rows)
+        return f, g, leaves
+
+    def _copies(self, params: list[Tensor], groups: int) -> list[Tensor]:
+        """``groups`` copies of each parameter as leaves ``(G, *shape)`` that require grad:
+        expanded views of the parameters' storage (no copy), reused from the previous call while
+        the parameters and their storage are the same (in-place optimizer steps keep them)."""
+        key = [(p, p.data_ptr()) for p in params]
+        cached = self._copy_cache
+        if (cached is not None and cached[0] == groups and len(cached[1]) == len(key)
+                and all(p is q and ptr == qtr for (p, ptr), (q, qtr)
+                        in zip(key, cached[1], strict=True))):
+            return cached[2]
         leaves = [p.detach().unsqueeze(0).expand(groups, *p.shape).requires_grad_()
                   for p in params]
-        f, g = self._call_fn(fn, self._net(dict(zip(names, leaves, strict=True))), stacked,
-                             copies * size)
-        return f, g, leaves
+        self._copy_cache = (groups, key, leaves)
+        return leaves
+
+    def _swapped_net(self, names: list[str], params: list[Tensor], tensors: list[Tensor]
+                     ) -> Callable[..., Any]:
+        """``net(*inputs)``: the model with ``tensors`` in place of the parameters ``names``.
+
+        The same as :func:`torch.func.functional_call` (used where a parameter is shared by
+        several modules), by swapping the entries of the modules' parameter tables directly,
+        which costs a fraction of functional_call's bookkeeping on small models."""
+        slots = self._slots(names, params)
+        if slots is None:
+            return self._net(dict(zip(names, tensors, strict=True)))
+        model = self.model
+
+        def net(*inputs: Any, **kwargs: Any) -> Any:
+            saved = [table[attr] for table, attr in slots]
+            try:
+                for (table, attr), t in zip(slots, tensors, strict=True):
+                    table[attr] = t
+                return model(*inputs, **kwargs)
+            finally:
+                for (table, attr), t in zip(slots, saved, strict=True):
+                    table[attr] = t
+
+        return net
+
+    def _slots(self, names: list[str], params: list[Tensor]
+               ) -> list[tuple[dict[str, Any], str]] | None:
+        """``(module._parameters, attribute)`` per name, or None when a parameter is registered
+        under several names (tied weights) and must go through functional_call. Cached while
+        every table still holds the same parameter."""
+        key = tuple(names)
+        cached = self._slot_cache
+        if (cached is None or cached[0] != key or (cached[1] is not None and any(
+                table.get(attr) is not p
+                for (table, attr), p in zip(cached[1], params, strict=True)))):
+            slots: list[tuple[dict[str, Any], str]] | None = []
+            seen = [id(p) for _, p in self.model.named_parameters(remove_duplicate=False)]
+            if len(seen) != len(set(seen)):
+                slots = None
+            else:
+                for name in names:
+                    prefix, _, attr = name.rpartition(".")
+                    module = self.model.get_submodule(prefix) if prefix else self.model
+                    slots.append((module._parameters, attr))  # type: ignore[union-attr]
+            self._slot_cache = (key, slots)
+        return self._slot_cache[1]
 
     def _jacobians_batched(
         self, fn: StepFn, batch: tuple[Tensor, ...], names: list[str], params: list[Tensor]
@@ -614,8 +689,9 @@ class Tanabe:
         return huber(g, self.huber_delta).mean(0)
 
     def _reduction_autograd(self, fn: StepFn, batch: tuple[Tensor, ...], params: list[Tensor]
-                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """``f̄, g, g̃, ∇f̄, J̃`` by ``1 + M'`` backward passes through the batch's graph."""
+                            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``f̄, g, g̃`` and ``J = (∇f̄; ∇g̃_1; …)`` ``(1 + M', N)`` by ``1 + M'`` backward passes
+        through the batch's graph."""
         size = batch[0].shape[0]
         with torch.enable_grad():
             f, g = self._call_fn(fn, self.model, batch, size, any_rows=True)
@@ -624,28 +700,83 @@ class Tanabe:
             rows = [_flat(_grads(fbar, params, True), 0)]
             rows += [_flat(_grads(gt[j], params, j + 1 < gt.numel()), 0)
                      for j in range(gt.numel())]
-        J = torch.stack(rows)
-        return fbar.detach(), g.detach(), gt.detach(), J[0], J[1:]
+        return fbar.detach(), g.detach(), gt.detach(), torch.stack(rows)
 
-    def _reduction(self, fbar: Tensor, g: Tensor, gt: Tensor, grad_f: Tensor, J: Tensor,
+    def _reduction_batched(self, fn: StepFn, batch: tuple[Tensor, ...], names: list[str],
+                           params: list[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """As :meth:`_reduction_autograd`, from one forward and one backward pass.
+
+        The batch is repeated ``1 + M'`` times with one parameter copy per repetition
+        (``batched_params``); ``f̄`` of the first repetition plus ``g̃_j`` of repetition
+        ``j + 1`` is differentiated once, and the gradient with respect to copy ``r`` is row
+        ``r`` of ``J``. ``fn``'s residuals must be per row of the batch (``(B, M)``).
+        """
+        size = batch[0].shape[0]
+        for attempt in range(2):
+            rows = self._probe_rows(fn, batch)
+            with torch.enable_grad():
+                f, g, leaves = self._batched_call(fn, batch, names, params, rows, rows, True)
+                if g.shape[0] != rows * size:
+                    raise ValueError(f"with batched_params the reduction version needs "
+                                     f"residuals per row of the batch, got {g.shape[0]} rows "
+                                     f"for a batch of {size}")
+                blocks = g.view(rows, size, -1)
+                if callable(self.reduction):
+                    reduced = [self._reduce(blocks[r]) for r in range(rows)]
+                    m = reduced[0].numel()
+                    gt = reduced[0]
+                    total_g = sum(reduced[j + 1][j] for j in range(min(m, rows - 1)))
+                else:
+                    per = (blocks.square() if self.reduction == "mse"
+                           else huber(blocks, self.huber_delta)).mean(1)  # (rows, M)
+                    m, gt = per.shape[1], per[0]
+                    total_g = per[1:].diagonal().sum() if m == rows - 1 else None
+                if m + 1 != rows:
+                    self._rows = None  # the number of constraints changed: probe again
+                    if attempt:
+                        raise RuntimeError("the number of constraints changed between calls")
+                    continue
+                fbar = f[:size].mean()
+                grads = _grads(fbar + total_g, leaves, False)
+            break
+        J = torch.cat([t.reshape(rows, -1) for t in grads], 1)
+        return fbar.detach(), blocks[0].detach(), gt.detach(), J
+
+    def _reduction(self, fbar: Tensor, g: Tensor, gt: Tensor, J: Tensor,
                    params: list[Tensor]) -> TanabeStep:
+        """Eq. 6 and 10 from ``J = (∇f̄; ∇g̃)``; one reduced constraint with the dense solver is
+        the scalar ``λ = (g̃ − ∇g̃·∇f̄) / ‖∇g̃‖²`` (0 where ``∇g̃ = 0``), computed in
+        ``solve_dtype`` without forming the general system."""
         dt = self.solve_dtype
-        x0 = self._last if (self.warm_start and self._last is not None
-                            and self._last.shape == gt.shape) else None
-        lam, info = tanabe_multipliers(J.to(dt), grad_f.to(dt), gt.to(dt), solver=self.solver,
-                                       rtol=self.rtol, maxit=self.maxit, x0=x0,
-                                       dense_max=self.dense_max)
+        if gt.numel() == 1 and (self.solver == "dense"
+                                or (self.solver == "auto" and self.dense_max >= 1)):
+            J64 = J.to(dt)
+            (_, _), (b, a) = (J64 @ J64.mT).tolist()  # ∇g̃·∇f̄, ‖∇g̃‖²
+            value = (float(gt) - b) / a if a > torch.finfo(dt).tiny else 0.0
+            lam = torch.tensor([value], dtype=dt)
+            info = None
+            d = torch.add(J[0], J[1], alpha=value)
+            loss = torch.add(fbar, gt[0], alpha=value)
+        else:
+            x0 = self._last if (self.warm_start and self._last is not None
+                                and self._last.shape == gt.shape) else None
+            lam, info = tanabe_multipliers(J[1:].to(dt), J[0].to(dt), gt.to(dt),
+                                           solver=self.solver, rtol=self.rtol,
+                                           maxit=self.maxit, x0=x0, dense_max=self.dense_max)
+            d = torch.addmv(J[0], J[1:].mT, lam.to(J.dtype))
+            loss = fbar + (lam.to(gt) * gt).sum()
         self._last = lam.detach().clone()
-        d = torch.addmv(grad_f, J.mT, lam.to(J.dtype))
-        value = fbar + (lam.to(gt) * gt).sum()
-        return self._finish(value, d, params, fbar, g, gt, lam, info)
+        return self._finish(loss, d, params, fbar, g, gt, lam, info)
 
     def _finish(self, value: Tensor, d: Tensor, params: list[Tensor], fbar: Tensor, g: Tensor,
                 reduced: Tensor | None, lam: Tensor, info: MinresQLPInfo | None) -> TanabeStep:
         if not bool(torch.isfinite(d).all()):
             raise RuntimeError("the Tanabe gradient is non-finite (inf or nan)")
-        parts = torch.split(d, [p.numel() for p in params])
-        grads = tuple(part.view_as(p).to(p.dtype) for part, p in zip(parts, params, strict=True))
+        dtypes = {p.dtype for p in params}
+        flat = d.to(params[0].dtype) if len(dtypes) == 1 else d  # one conversion, not one each
+        parts = torch.split(flat, [p.numel() for p in params])
+        grads = tuple(part.view(p.shape) if part.dtype == p.dtype else part.view(p.shape).to(p)
+                      for part, p in zip(parts, params, strict=True))
         loss = _Carrier.apply(value, grads, *params)
         return TanabeStep(loss=loss, f=fbar, g=g, reduced=reduced, lam=lam.detach(), info=info,
                           grad=d.detach())

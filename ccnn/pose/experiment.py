@@ -69,9 +69,10 @@ THRESHOLDS = tuple(float(t) for t in torch.logspace(-5, -1, 25))
 
 @dataclass(frozen=True)
 class PoseConfig:
-    """Settings of ``ccnn pose``. Sizes and step counts are set to fit 10 minutes on two CPU
-    cores; the constants were chosen on the validation split of seed 100, never used to report
-    (docs/hard.md lists the runs they were chosen from).
+    """Settings of ``ccnn pose``. The constants were chosen on the validation split of seed 100,
+    never used to report (docs/hard_experiments.md lists the runs they were chosen from). The
+    default run takes about 23 minutes on one CPU thread (measured per part; the 10-minute
+    target is not met).
 
     Attributes:
         seed: world of the synthetic data, initial weights and every random draw.
