@@ -230,7 +230,7 @@ def test_lagrangian_step_is_the_augmented_lagrangian_with_dual_ascent():
                 p -= lr * g
         lam = lam + rho * r.detach()
         f, got_r = step(z, y, index)
-        assert float(f) == pytest.approx(float((u - y).square().mean()), rel=1e-12)
+        assert float(f) == pytest.approx(float((u - y).detach().square().mean()), rel=1e-12)
         np.testing.assert_allclose(got_r.numpy(), r.detach().numpy(), rtol=1e-12)
         np.testing.assert_allclose(_flat_params(net).numpy(), _flat_params(ref).numpy(),
                                    rtol=1e-11, atol=1e-14)
