@@ -37,6 +37,7 @@ from ccnn.distributed import (
     sync_batchnorm,
 )
 from ccnn.hard.optim import HardAdam, HardGaussNewton, HardSGD
+from ccnn.hard.tanabe import Tanabe
 from ccnn.train import CHECKPOINT, LOG, RunExistsError, TrainConfig, _start, train, train_process
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,13 +127,16 @@ def group_of_one(tmp_path):
     dist.destroy_process_group()
 
 
-def test_hard_optimizers_refuse_a_ddp_model(group_of_one):
+def test_hard_optimizers_and_tanabe_refuse_a_ddp_model(group_of_one):
     model = nn.Linear(3, 2)
     ddp = nn.parallel.DistributedDataParallel(model)
     for optimizer in (HardSGD, HardAdam, HardGaussNewton):
         with pytest.raises(ValueError, match=r"does not support DistributedDataParallel \(DDP\)"):
             optimizer(ddp)
     HardSGD(model)  # the module itself is accepted
+    with pytest.raises(ValueError, match=r"Tanabe does not support DistributedDataParallel"):
+        Tanabe(ddp)
+    Tanabe(model)
 
 
 def test_all_reduce_batch_norm_alone_is_batch_norm():

@@ -388,6 +388,15 @@ class Tanabe:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            # The multipliers come from per-sample (full) or batch-wise (reduction) Jacobians
+            # of this process's samples; under DDP the batch-coupled systems would need their
+            # products summed across processes, which is not implemented.
+            raise ValueError(
+                "Tanabe does not support DistributedDataParallel (DDP) yet: its multiplier "
+                "systems are built from one process's batch; train on one process "
+                "(docs/distributed.md)"
+            )
         if version not in _VERSIONS:
             raise ValueError(f"version must be one of {_VERSIONS}, got {version!r}")
         if coupling not in _COUPLINGS:
