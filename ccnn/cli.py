@@ -161,6 +161,11 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated methods (default full,mil,ccnn,ccnn-size; also "
                         "ccnn-size-exact)")
     p.add_argument("--epochs", type=int, help="override the preset's epochs")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="methods trained at once, each in a process of its own on one thread "
+                        "(default 2: the demo's ten minutes on two cores; 1: one after another "
+                        "in this process, on torch's threads). The numbers depend on the thread "
+                        "count, so a table is reproduced with the same --jobs")
     p.add_argument("--train-size", type=int, help="training images (default 1000)")
     p.add_argument("--val-size", type=int, help="validation images (default 200)")
     p.add_argument("--test-size", type=int, help="test images, the table's (default 200)")

@@ -23,8 +23,10 @@ _FIELDS = ("model", "backbone_weights", "epochs", "batch_size", "optimizer", "lr
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The preset's settings for the method, overridden by every option given."""
-    settings = preset(args.preset, args.method)
+    """The preset's settings for the method and ``--model`` (``--preset voc --model small`` is
+    the small network's recipe, :data:`ccnn.presets.SMALL_NETWORK`), overridden by every option
+    given."""
+    settings = preset(args.preset, args.method, model=args.model)
     settings.update({k: getattr(args, k) for k in _FIELDS if getattr(args, k) is not None})
     settings["bounds"] = {**settings.get("bounds", {}), **_parse_bounds(args.bound)}
     return TrainConfig(method=args.method, **settings)
@@ -119,8 +121,8 @@ def main_demo(args: argparse.Namespace) -> int:
     sizes = {k: getattr(args, k) for k in ("train_size", "val_size", "test_size")
              if getattr(args, k)}
     table = run_demo(args.out, seed=args.seed, methods=methods, epochs=args.epochs,
-                     pretraining=args.pretrain, progress_bar=on_terminal(args.progress),
-                     **sizes)
+                     pretraining=args.pretrain, jobs=args.jobs,
+                     progress_bar=on_terminal(args.progress), **sizes)
     print(format_table(table))
     print(f"reports in {Path(args.out)}/<method>/report")
     if out_json is not None:

@@ -107,6 +107,7 @@ def tag_bounds(
     size_bg_lower: float = 0.2,
     size_bg_upper: float = 0.7,
     size_threshold: float = 0.1,
+    size_small_lower: float = 0.0,
     small_rule: str = "absent",
 ) -> Bounds:
     """CCNN's constraints from image-level tags (Pathak, Krähenbühl, Darrell 2015, Sec. 4).
@@ -123,7 +124,9 @@ def tag_bounds(
       ``size_threshold`` of image ``b`` (:func:`size_bits`; CCNN's size information).  A large
       class gets ``lower = size_fg_lower``; a small one, by ``small_rule``, is treated as
       absent (``"absent"``, CCNN's rule: ``upper = 0``) or kept with ``upper = size_threshold``
-      (``"at-most"``: present but at most the threshold, slack ``fg_slack``).  The background
+      (``"at-most"``: present, at least ``size_small_lower`` and at most the threshold, slack
+      ``fg_slack``; the floor is a constant like ``fg_lower``, not a measurement, so the cue
+      stays one bit).  The background
       range becomes ``[size_bg_lower, size_bg_upper]``, the upper bound only when a large class
       is present.
     * **measured sizes** — with ``sizes[b, l]``, the fraction of image ``b`` that class ``l``
@@ -149,7 +152,8 @@ def tag_bounds(
         raise ValueError(f"background={background} is outside [0, {L})")
     for name, value in [("fg_lower", fg_lower), ("bg_lower", bg_lower), ("bg_upper", bg_upper),
                         ("size_fg_lower", size_fg_lower), ("size_bg_lower", size_bg_lower),
-                        ("size_bg_upper", size_bg_upper), ("size_threshold", size_threshold)]:
+                        ("size_bg_upper", size_bg_upper), ("size_threshold", size_threshold),
+                        ("size_small_lower", size_small_lower)]:
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name}={value} must lie in [0, 1]")
     for name, value in [("fg_slack", fg_slack), ("bg_slack", bg_slack)]:
@@ -159,6 +163,12 @@ def tag_bounds(
         raise ValueError(f"size_fg_scale={size_fg_scale} must be finite and >= 0")
     if small_rule not in SMALL_RULES:
         raise ValueError(f"small_rule={small_rule!r} must be one of {SMALL_RULES}")
+    if size_small_lower > size_threshold:
+        raise ValueError(f"size bounds are crossed: size_small_lower={size_small_lower} > "
+                         f"size_threshold={size_threshold}")
+    if size_small_lower > 0 and small_rule != "at-most":
+        raise ValueError(f"size_small_lower={size_small_lower} needs small_rule='at-most' (with "
+                         f"{small_rule!r} a small class gets no lower bound)")
     if sizes is not None and large is not None:
         raise ValueError("give sizes or large (the one-bit size cue), not both")
     if large is not None and size_fg_scale != 0.0:
@@ -202,6 +212,7 @@ def tag_bounds(
             present = present & ~small
             small = torch.zeros_like(small)
     lower = torch.where(foreground, fg_floor, const(0.0))
+    lower = torch.where(small, const(size_small_lower), lower)
     upper = torch.where(present, const(1.0), const(0.0))
     upper = torch.where(small, const(size_threshold), upper)
     slack = torch.where(foreground | small, const(fg_slack), const(math.inf))

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import multiprocessing
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -47,8 +49,8 @@ PRESET = "synthetic"
 
 def run_demo(out: str | Path, *, seed: int = 0, methods: Sequence[str] = DEMO_METHODS,
              epochs: int | None = None, pretraining: PretrainConfig | bool = True,
-             progress_bar: bool = True, log: Callable[[str], None] | None = None,
-             **overrides: object) -> dict:
+             jobs: int = 1, progress_bar: bool = True,
+             log: Callable[[str], None] | None = None, **overrides: object) -> dict:
     """Train each method into ``out/<method>`` and report it on the test split.
 
     First pretrains the shared backbone into ``out/backbone.pt`` (``pretraining``: ``True`` for
@@ -66,11 +68,19 @@ def run_demo(out: str | Path, *, seed: int = 0, methods: Sequence[str] = DEMO_ME
     (:mod:`ccnn.refine`) ``miou_before_refine`` (test mIoU after its last P/Q epoch); for the
     CCNN methods ``p_step_share`` (the P-step's share of a training step).
     ``overrides`` replace preset settings (tests use them to make the run tiny).
+
+    ``jobs`` > 1 trains that many methods at once, each in a process of its own on one thread
+    (:func:`_train_in_worker`): on two cores two one-thread processes do more work than one
+    two-thread process with this small network.  A method's numbers depend on its thread count
+    only (the same seed and ``jobs`` give the same table); its messages then go to the worker's
+    ``logging`` (stderr) instead of ``log``, and no progress bar is drawn.
     """
     log = log or logger.info
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise ValueError(f"--methods: unknown or no method(s) {unknown}; choose from {METHODS}")
+    if jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {jobs}")
     out = Path(out)
     table: dict = {"split": None, "seed": seed, "preset": PRESET, "version": __version__,
                    "methods": {}, "settings": {}, "out": str(out)}
@@ -87,20 +97,58 @@ def run_demo(out: str | Path, *, seed: int = 0, methods: Sequence[str] = DEMO_ME
             settings["epochs"] = epochs
         configs[method] = TrainConfig(method=method, **settings)
     first = next(iter(configs.values()))
-    datasets, test_set = load_datasets(first), load_test_set(first)
+    test_set = load_test_set(first)
     table["split"], table["images"] = first.test_split, len(test_set)
+    table["settings"] = {method: dataclasses.asdict(cfg) for method, cfg in configs.items()}
+    table["jobs"] = jobs
     histories = {}
-    for method, cfg in configs.items():
-        table["settings"][method] = dataclasses.asdict(cfg)
-        # the CRF is applied on the test split below, not on val
-        summary = train(dataclasses.replace(cfg, crf=False), out / method, datasets=datasets,
-                        progress_bar=progress_bar, log=log)
-        histories[method] = summary["history"]
-        table["methods"][method] = _row(cfg, out / method, summary, test_set)
+
+    def record(method: str, row: dict, history: list[dict]) -> None:
+        """Keep a finished method's row (the table on disk in ``methods``' order so far)."""
+        histories[method] = history
+        done = {m: row if m == method else table["methods"][m] for m in configs
+                if m == method or m in table["methods"]}
+        table["methods"] = done
         write_json(out / "demo.json", table)
-        log(f"{method}: test mIoU {table['methods'][method]['miou']:.4f}")
-    plot_comparison(histories, out / "curves.png")
+        log(f"{method}: test mIoU {row['miou']:.4f}")
+
+    if jobs == 1:
+        datasets = load_datasets(first)
+        for method, cfg in configs.items():
+            record(method, *_train_method(cfg, out / method, datasets, test_set, progress_bar,
+                                          log))
+    else:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(jobs, len(configs)), mp_context=context,
+                                 initializer=_start_worker,
+                                 initargs=(logging.getLogger().getEffectiveLevel(),)) as pool:
+            futures: dict[str, Future] = {
+                method: pool.submit(_train_in_worker, cfg, out / method)
+                for method, cfg in configs.items()}
+            for method, future in futures.items():
+                record(method, *future.result())
+    plot_comparison({m: histories[m] for m in configs}, out / "curves.png")
     return table
+
+
+def _train_method(cfg: TrainConfig, folder: Path, datasets: Sequence[Dataset], test_set: Dataset,
+                  progress_bar: bool, log: Callable[[str], None]) -> tuple[dict, list[dict]]:
+    """Train one method and evaluate it on the test split: its row and its history."""
+    # the CRF is applied on the test split by _row, not on val
+    summary = train(dataclasses.replace(cfg, crf=False), folder, datasets=datasets,
+                    progress_bar=progress_bar, log=log)
+    return _row(cfg, folder, summary, test_set), summary["history"]
+
+
+def _start_worker(level: int) -> None:
+    """A worker process of ``run_demo(jobs > 1)``: one thread, messages to stderr at ``level``."""
+    torch.set_num_threads(1)
+    logging.basicConfig(level=level, format="%(asctime)s %(processName)s %(message)s")
+
+
+def _train_in_worker(cfg: TrainConfig, folder: Path) -> tuple[dict, list[dict]]:
+    """:func:`_train_method` in a worker process, on datasets of its own (the same images)."""
+    return _train_method(cfg, folder, load_datasets(cfg), load_test_set(cfg), False, logger.info)
 
 
 def _row(cfg: TrainConfig, folder: Path, summary: dict, test_set: Dataset) -> dict:

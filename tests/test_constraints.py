@@ -83,6 +83,21 @@ def test_one_size_bit_with_small_means_at_most_the_threshold():
     assert slack.tolist() == [[INF, 3.0, 3.0, 3.0, INF], [INF, INF, 3.0, INF, INF]]
 
 
+def test_a_small_class_can_get_a_floor_under_at_most():
+    tags = torch.tensor([[1, 1, 1, 0]])
+    large = torch.tensor([[1, 1, 0, 0]])
+    lower, upper, slack = tag_bounds(tags, large=large, small_rule="at-most", size_threshold=0.1,
+                                     size_small_lower=0.03, size_fg_lower=0.2)
+    # by hand: the small class in [0.03, 0.1], the large one at least 0.2, both with slack 2
+    assert lower.tolist() == [[0.2, 0.2, 0.03, 0.0]]
+    assert upper.tolist() == [[0.7, 1.0, 0.1, 0.0]]
+    assert slack.tolist() == [[INF, 2.0, 2.0, INF]]
+    with pytest.raises(ValueError, match=r"size_small_lower=0\.2 > size_threshold=0\.1"):
+        tag_bounds(tags, large=large, small_rule="at-most", size_small_lower=0.2)
+    with pytest.raises(ValueError, match="needs small_rule='at-most'"):
+        tag_bounds(tags, large=large, size_small_lower=0.03)
+
+
 def test_the_bit_is_the_size_against_the_threshold_and_nothing_more():
     sizes = torch.tensor([[0.5, 0.3, 0.05, 0.15], [0.9, 0.0, 0.1, 0.0]])
     assert size_bits(sizes, 0.1).tolist() == [[True, True, False, True], [True, False, True, False]]

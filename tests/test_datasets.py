@@ -212,6 +212,8 @@ def test_registered_in_build_dataset(voc, camvid):
 
 def test_voc_bad_arguments(voc):
     with pytest.raises(ValueError, match="split must be one of"):
+        VOCDataset(voc[0], "testing")
+    with _raises(FileNotFoundError, "test.txt"):  # VOC 2012 ships no test masks
         VOCDataset(voc[0], "test")
     with pytest.raises(ValueError, match="tags must be one of"):
         VOCDataset(voc[0], "train", tags="boxes")

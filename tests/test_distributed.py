@@ -9,6 +9,7 @@ most of it importing torch and torchvision in every process.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import os
@@ -127,16 +128,46 @@ def group_of_one(tmp_path):
     dist.destroy_process_group()
 
 
-def test_hard_optimizers_and_tanabe_refuse_a_ddp_model(group_of_one):
-    model = nn.Linear(3, 2)
-    ddp = nn.parallel.DistributedDataParallel(model)
+def test_hard_optimizers_and_tanabe_step_a_ddp_model_as_its_module(group_of_one):
+    """In a group of one, a DDP model's hard step is the module's, bit for bit (the sharded
+    case, two processes, is tests/test_hard_distributed.py)."""
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(6, 3, generator=g), torch.randn(6, 2, generator=g)
+
+    def loss(net):
+        return ((net(x) - y) ** 2).mean()
+
+    def constraints(net):
+        return net(x).sum(dim=1)
+
     for optimizer in (HardSGD, HardAdam, HardGaussNewton):
-        with pytest.raises(ValueError, match=r"does not support DistributedDataParallel \(DDP\)"):
-            optimizer(ddp)
-    HardSGD(model)  # the module itself is accepted
-    with pytest.raises(ValueError, match=r"Tanabe does not support DistributedDataParallel"):
-        Tanabe(ddp)
-    Tanabe(model)
+        torch.manual_seed(0)
+        plain = nn.Linear(3, 2)
+        wrapped = copy.deepcopy(plain)
+        ddp = nn.parallel.DistributedDataParallel(wrapped)
+        closure = ((lambda net: (net(x) - y).flatten()) if optimizer is HardGaussNewton
+                   else loss)
+        for opt in (optimizer(plain), optimizer(ddp)):
+            for _ in range(2):
+                opt.step(closure, constraints)
+        for a, b in zip(plain.parameters(), wrapped.parameters(), strict=True):
+            assert torch.equal(a, b), optimizer.__name__
+
+    def per_sample(net, inputs):  # Tanabe's fn: per-sample loss f and constraints g
+        u = net(inputs)
+        return (u - 1.0).square().sum(dim=1), u.sum(dim=1, keepdim=True)
+
+    torch.manual_seed(0)
+    plain = nn.Linear(3, 2)
+    wrapped = copy.deepcopy(plain)
+    ddp = nn.parallel.DistributedDataParallel(wrapped)
+    for model, module in ((plain, plain), (ddp, wrapped)):
+        Tanabe(model)(per_sample, x).loss.backward()
+        with torch.no_grad():
+            for w in module.parameters():
+                w -= 0.1 * w.grad
+    for a, b in zip(plain.parameters(), wrapped.parameters(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_all_reduce_batch_norm_alone_is_batch_norm():

@@ -64,7 +64,7 @@ def test_the_folder_is_read_by_the_voc_reader_with_tags_matching_masks(voc_like)
     for split, count in meta["sizes"].items():
         listed = (voc_like / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()
         assert listed == split_ids(5, split, count)
-    for split in ("train", "val"):
+    for split in ("train", "val", "test"):
         dataset = VOCDataset(voc_like, split)
         assert len(dataset) == meta["sizes"][split]
         masks = [_read_mask(voc_like / "SegmentationClass" / f"{s['name']}.png") for s in dataset]
@@ -138,6 +138,19 @@ def test_voc_preset_with_the_small_network_brings_its_settings():
     vgg = preset("voc", "ccnn-size")  # without the model: CCNN's VGG16 recipe, unchanged
     assert vgg["model"] == "vgg16-fcn" and vgg["lr"] == 1e-6 and vgg["hardness"] == 1000.0
     assert preset("synthetic", "ccnn", model="small") == preset("synthetic", "ccnn")
+
+
+def test_the_command_line_takes_the_small_networks_recipe():
+    from ccnn.cli import build_parser
+    from ccnn.commands import config_from_args
+
+    args = build_parser().parse_args(["train", "--preset", "voc", "--model", "small",
+                                      "--method", "ccnn-size", "--lr", "1e-3"])
+    config = config_from_args(args)
+    assert config.optimizer == "adam" and config.batch_size == 16 and config.lr == 1e-3
+    assert config.bounds == preset("voc", "ccnn-size", model="small")["bounds"]
+    vgg = config_from_args(build_parser().parse_args(["train", "--preset", "voc"]))
+    assert vgg.model == "vgg16-fcn" and vgg.lr == 1e-6
 
 
 def test_the_recipe_trains_on_a_voc_layout_folder(voc_like, tmp_path):

@@ -6,6 +6,8 @@ The layout read (``data/README.md`` has the whole of it)::
         JPEGImages/<id>.jpg
         SegmentationClass/<id>.png            palette PNG of class indices, 255 = void
         ImageSets/Segmentation/{train,val,trainval}.txt
+        ImageSets/Segmentation/test.txt       only where the test masks are there (not in VOC 2012's
+                                              release; ``scripts/make_voc_like.py`` writes one)
         ImageSets/Main/<class>_trainval.txt   ``<id> <flag>`` lines, for ``tags="main"``
     <sbd_root>/                               SBD's ``benchmark_RELEASE/dataset``, for train_aug
         img/<id>.jpg
@@ -51,7 +53,7 @@ VOC_CLASSES: tuple[str, ...] = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
     "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
     "train", "tvmonitor")
-SPLITS: tuple[str, ...] = ("train", "val", "trainval", "train_aug")
+SPLITS: tuple[str, ...] = ("train", "val", "trainval", "test", "train_aug")
 TAG_SOURCES: tuple[str, ...] = ("masks", "main")
 _MAIN_FLAGS = {"1": 1.0, "0": 0.0, "-1": 0.0}  # present, difficult (taken as absent), absent
 

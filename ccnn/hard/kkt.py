@@ -29,11 +29,12 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from ccnn.hard.distributed import Collective, ShardedRows
 from ccnn.hard.minres_qlp import MinresQLPInfo, minres_qlp
 
 __all__ = ["KKTStep", "kkt_step"]
@@ -71,6 +72,10 @@ class KKTStep:
         ``R(w)``.
     active : Tensor
         Bool mask over ``constraint_values``: the residuals that were in the system.
+    shard : slice or None
+        Under a process group (``process_group``, or a DDP model in the optimizers):
+        ``constraint_values``, ``multipliers`` and ``active`` are those of all processes in
+        rank order, and ``shard`` is this process's part of them. None on a process of its own.
     """
 
     delta: Params
@@ -80,6 +85,7 @@ class KKTStep:
     constraint_values: Tensor
     loss_value: float
     active: Tensor
+    shard: slice | None = None
 
 
 # ---- parameter vectors ------------------------------------------------------------------------
@@ -118,9 +124,15 @@ class _Linearized:
     :meth:`gram` gives ``J·W·Jᵀ·u`` for a positive diagonal ``W`` (the reduced KKT matrix)
     without flattening the parameter-sized vectors, and runs the transposed L-op's adjoint test
     on its own first product instead of on two extra ones.
+
+    After :meth:`share` the kept rows are this process's part of rows sharded across a process
+    group: ``rop`` returns all processes' rows (gathered), ``lop`` takes all of them and sums
+    the processes' products, and the adjoint test runs before the first product (a failure
+    there would otherwise make one process redo a solve the others do not).
     """
 
-    def __init__(self, fn: Callable[[Params], Tensor], params: Params, name: str) -> None:
+    def __init__(self, fn: Callable[[Params], Tensor], params: Params, name: str,
+                 check_finite: bool = True) -> None:
         def flat_fn(p: Params) -> Tensor:
             return fn(p).reshape(-1)
 
@@ -128,9 +140,10 @@ class _Linearized:
         self._params = params
         value, self._vjp_fn = torch.func.vjp(flat_fn, params)
         self.value = value.detach()
-        if not bool(torch.isfinite(self.value).all()):
+        if check_finite and not bool(torch.isfinite(self.value).all()):
             raise ValueError(f"{name}(params) returned non-finite values (inf or nan)")
         self.index: Tensor | None = None
+        self._shard: ShardedRows | None = None
         self._transposed: Callable | None = None
         self._use_jvp = False
         self._unchecked = False  # the transposed L-op is in use but not yet adjoint-tested
@@ -140,9 +153,15 @@ class _Linearized:
         """Keep only the rows ``index`` of ``f`` (the index is fixed from now on)."""
         self.index = None if index.numel() == self.value.numel() else index
 
+    def share(self, shard: ShardedRows) -> None:
+        """The kept rows are this process's part ``shard`` of rows sharded across processes."""
+        self._shard = shard
+
     @property
     def rows(self) -> int:
-        """Number of rows kept."""
+        """Number of rows kept (of all processes after :meth:`share`)."""
+        if self._shard is not None:
+            return self._shard.total
         return self.value.numel() if self.index is None else self.index.numel()
 
     def _adjoint_ok(self, got: float, expected: float) -> bool:
@@ -210,6 +229,8 @@ class _Linearized:
         call :meth:`gram` or :meth:`ensure_checked` and redo its work on
         :class:`_AdjointMismatchError`.
         """
+        if self._shard is not None:
+            return self._shard.gather(self._rows(self._rop_all(_unflatten(v, self._params))))
         return self._rows(self._rop_all(_unflatten(v, self._params), check))
 
     def _lop_dict(self, u: Tensor) -> Params:
@@ -220,7 +241,22 @@ class _Linearized:
 
     def lop(self, u: Tensor) -> Tensor:
         """``Jᵀ·u`` (= ``uᵀJ``): L-op, Eq. 8 of Márquez-Neila, Salzmann and Fua (2017)."""
+        if self._shard is not None:
+            return self._shard.comm.reduce_sum(_flatten(self._lop_dict(self._shard.local(u))))
         return _flatten(self._lop_dict(u))
+
+    def _gram_shared(self, u: Tensor, weight: float | Params) -> Tensor:
+        """:meth:`gram` over sharded rows: ``Jᵀu`` summed over the processes, then each
+        process's rows of ``J·W·(Jᵀu)``, gathered (the adjoint test ran before)."""
+        shard = self._shard
+        jt_u = _unflatten(shard.comm.reduce_sum(_flatten(self._lop_dict(shard.local(u)))),
+                          self._params)
+        if isinstance(weight, dict):
+            out = self._rows(self._rop_all({k: t * weight[k] for k, t in jt_u.items()}))
+        else:
+            out = self._rows(self._rop_all(jt_u)) * weight
+        self._last_lops = [*self._last_lops[-1:], (u.clone(), jt_u)]
+        return shard.gather(out)
 
     def gram(self, u: Tensor, weight: float | Params) -> Tensor:
         """``J·W·Jᵀ·u`` for a positive diagonal ``W`` (a number or a dict shaped like params).
@@ -230,6 +266,8 @@ class _Linearized:
         switches to ``torch.func.jvp`` and :class:`_AdjointMismatchError` is raised, so that the
         caller redoes the solve. ``Jᵀu`` is kept for :meth:`lop_of_recent`.
         """
+        if self._shard is not None:
+            return self._gram_shared(u, weight)
         jt_u = self._lop_dict(u)
         if isinstance(weight, dict):
             v = {k: t * weight[k] for k, t in jt_u.items()}
@@ -469,17 +507,22 @@ def _solve_diagonal(
 
 def _solve_gauss_newton(
     eta: float, res: _Linearized, lin: _Linearized, c: Tensor, mu: float, rtol: float,
-    maxit: int | None
+    maxit: int | None, comm: Collective
 ) -> tuple[Tensor, Tensor, MinresQLPInfo]:
-    """Eq. 6 with the products of Algorithm 2 (Márquez-Neila, Salzmann and Fua, 2017)."""
-    g = res.lop(res.value)  # Jᵣᵀr
+    """Eq. 6 with the products of Algorithm 2 (Márquez-Neila, Salzmann and Fua, 2017).
+
+    Under a process group ``R = (1/W)·Σ_r ½‖r_r‖²`` (DDP's mean over the ``W`` processes), so
+    ``Jᵣᵀr`` and ``JᵣᵀJᵣ·v`` are the means of the processes' own products (``comm.mean``, the
+    identity on a process of its own).
+    """
+    g = comm.mean(res.lop(res.value))  # Jᵣᵀr
     if not bool(torch.isfinite(g).all()):
         raise ValueError("the gradient Jᵣᵀr of the residuals is non-finite (inf or nan)")
     n_p = g.numel()
 
     def product(x: Tensor) -> Tensor:  # Algorithm 2
         x1, x2 = x[:n_p], x[n_p:]
-        jjv = res.lop(res.rop(x1))
+        jjv = comm.mean(res.lop(res.rop(x1)))
         a = jjv + eta * x1 + lin.lop(x2) if lin.rows else jjv + eta * x1
         return torch.cat([a, lin.rop(x1) - mu * x2]) if lin.rows else a
 
@@ -490,6 +533,49 @@ def _solve_gauss_newton(
 def _empty_constraints(params: Params) -> Tensor:
     """No constraints: an empty residual vector in the params' dtype."""
     return next(iter(params.values())).new_zeros(0)
+
+
+# ---- sharded batches --------------------------------------------------------------------------
+
+
+def _share_constraints(
+    lin: _Linearized, comm: Collective, c: Tensor, active: Tensor
+) -> tuple[Tensor, Tensor, slice]:
+    """``C`` and the active mask of every process (rank order), checked finite on all; ``lin``
+    keeps its active rows as this process's share of the global active rows. Returns them and
+    this process's part of ``C``."""
+    rows = comm.rows(c.numel())
+    both = rows.gather(torch.stack([c, active.to(c.dtype)], dim=1))
+    c_all, active_all = both[:, 0].contiguous(), both[:, 1] != 0
+    if not bool(torch.isfinite(c_all).all()):
+        raise ValueError("constraints(params) returned non-finite values (inf or nan)")
+    starts = [sum(rows.sizes[:r]) for r in range(comm.world)]
+    counts = [int(active_all[s:s + n].sum()) for s, n in zip(starts, rows.sizes, strict=True)]
+    lin.share(ShardedRows(comm, counts))
+    return c_all, active_all, rows.span
+
+
+def _mean_gradient(comm: Collective, grads: Params, value: Tensor) -> tuple[Params, Tensor]:
+    """The processes' mean gradient and loss (DDP's convention), in one all-reduce."""
+    flat = _flatten(grads)
+    both = comm.mean(torch.cat([flat, value.detach().reshape(1).to(flat)]))
+    return _unflatten(both[:-1], grads), both[-1]
+
+
+def _shared_gauss_newton_loss(
+    comm: Collective, r: Tensor, loss: Callable[[Params], Tensor] | None, params: Params
+) -> float:
+    """The processes' mean ``loss`` (default ``½‖r‖²``); ValueError on every process when any
+    process's residuals or loss are non-finite."""
+    half = 0.5 * r.pow(2).sum()
+    with torch.no_grad():
+        own = half if loss is None else _scalar_fn(loss)(params).detach()
+    r_half, value = comm.mean(torch.stack([half, own.to(half)])).tolist()
+    if not math.isfinite(r_half):
+        raise ValueError("residuals(params) returned non-finite values (inf or nan)")
+    if not math.isfinite(value):
+        raise ValueError(f"loss(params) returned a non-finite value: {value}")
+    return value
 
 
 def kkt_step(
@@ -510,6 +596,7 @@ def kkt_step(
     bias_correction: Literal["eq12", "adam"] = "eq12",
     correction: float = 1.0,
     regularization: float = 0.0,
+    process_group: Any = None,
 ) -> KKTStep:
     r"""One step of hard-constrained training: solve the KKT system at ``w`` for ``dw`` and ``Λ``.
 
@@ -581,12 +668,22 @@ def kkt_step(
         ‖J·dw + αC‖²/(2μ)`` with ``Λ = (J·dw + αC)/μ``: a quadratic penalty of weight
         ``1/μ`` on the linearized constraints, which bounds the step where ``J·D⁻¹·Jᵀ`` is
         ill-conditioned. 0 (default): hard, the paper's systems.
+    process_group : torch.distributed.ProcessGroup, optional
+        The batch is sharded across this group's processes (e.g.
+        ``torch.distributed.group.WORLD``), each calling ``kkt_step`` with its own shard: the
+        loss ``R = (1/W)·Σ_r R_r`` is the mean of the processes' losses (DDP's convention: with
+        equal shards, each ``R_r`` a mean over its shard, it is the global batch's mean), the
+        constraints ``C`` all processes' residuals in rank order, ``inequality`` this process's
+        own mask. Every process then takes the step one process would take on the whole batch,
+        and the multipliers, constraint values and active mask returned are the global ones
+        (``shard``: this process's part). None (default), or a group of one process: no
+        communication.
 
     Returns
     -------
     KKTStep
         ``delta`` (dw by name), ``multipliers`` (Λ), ``info``, ``system``,
-        ``constraint_values``, ``loss_value`` and ``active``.
+        ``constraint_values``, ``loss_value``, ``active`` and ``shard``.
 
     Raises
     ------
@@ -624,21 +721,36 @@ def kkt_step(
     if method == "adam" and state is None:
         raise ValueError("method='adam' needs a state dict (it holds m, v and t), got None")
 
+    comm = Collective(process_group)
+    shared = comm.distributed  # checks of values wait for the gathered ones: all raise alike
+
     # C at w and its linearization; the active rows are fixed from here on (§4.4).
-    lin = _Linearized(constraints or _empty_constraints, params, "constraints")
+    lin = _Linearized(constraints or _empty_constraints, params, "constraints",
+                      check_finite=not shared)
     c_all = lin.value
     active = _active_rows(c_all, inequality)
     index = active.nonzero().reshape(-1)
     lin.restrict(index)
+    shard = None
+    if shared:  # from here C, the active mask and Λ are all processes', in rank order
+        c_all, active, shard = _share_constraints(lin, comm, c_all, active)
+        index = active.nonzero().reshape(-1)
     c_target = correction * c_all[index]  # the share of C the step removes (1: all, Eq. 5)
 
     if method == "gauss-newton":
-        res = _Linearized(residuals, params, "residuals")
-        loss_value = 0.5 * float(res.value.pow(2).sum()) if loss is None else _scalar(loss, params)
+        res = _Linearized(residuals, params, "residuals", check_finite=not shared)
+        if shared:
+            loss_value = _shared_gauss_newton_loss(comm, res.value, loss, params)
+        elif loss is None:
+            loss_value = 0.5 * float(res.value.pow(2).sum())
+        else:
+            loss_value = _scalar(loss, params)
         dw, lam, info = _solve_gauss_newton(eta, res, lin, c_target, regularization, rtol,
-                                            maxit)
+                                            maxit, comm)
     else:
         grads, value = torch.func.grad_and_value(_scalar_fn(loss))(params)
+        if shared:
+            grads, value = _mean_gradient(comm, grads, value)
         loss_value = float(value)
         if not math.isfinite(loss_value):
             raise ValueError(f"loss(params) returned a non-finite value: {loss_value}")
@@ -666,6 +778,7 @@ def kkt_step(
         constraint_values=c_all,
         loss_value=loss_value,
         active=active,
+        shard=shard,
     )
 
 

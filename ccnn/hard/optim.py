@@ -5,6 +5,13 @@ Hard Constraints on Deep Networks: Promises and Limitations", 2017): each ``step
 KKT system at the model's current parameters and adds ``dw`` to them in place. The loss and the
 constraints are functions of ``net``, a callable that evaluates the model at the trial parameters
 (through :func:`torch.func.functional_call`), so that the solver can differentiate through it.
+
+A :class:`~torch.nn.parallel.DistributedDataParallel` (DDP) model is accepted: the optimizers
+work on ``model.module`` and pass the DDP model's process group to :func:`kkt_step`, which
+all-reduces the gradient and the ``Jᵀ·Λ`` products and gathers the constraint rows explicitly
+(``functional_call`` on the module bypasses DDP's gradient hooks). With every process calling
+``step`` on its own shard of the global batch, every process takes the step one process would
+take on the whole batch (docs/hard.md, "Under DDP").
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from ccnn.hard.distributed import unwrap
 from ccnn.hard.kkt import KKTStep, kkt_step
 
 __all__ = ["HardAdam", "HardGaussNewton", "HardSGD"]
@@ -53,31 +61,29 @@ def _check_solver(rtol: object, maxit: object, correction: object, regularizatio
 
 
 class _HardOptimizer(torch.optim.Optimizer):
-    """The shared shell: the model, its trainable parameters by name, one parameter group."""
+    """The shared shell: the model, its trainable parameters by name, one parameter group.
+
+    A DDP model is replaced by its module, and its process group is passed to
+    :func:`kkt_step` (the batch is sharded across the group's processes)."""
 
     def __init__(self, model: nn.Module, defaults: dict[str, Any]) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            # Each step solves one KKT system over the batch's constraints: sharded across
-            # processes, its products J v and Jᵀ u would have to be summed across them, and
-            # DDP only averages gradients after a backward pass.
-            raise ValueError(
-                f"{type(self).__name__} does not support DistributedDataParallel (DDP): its "
-                "KKT system couples the whole batch's constraints, which DDP shards across "
-                "processes; train on one process (docs/distributed.md)"
-            )
+        model, comm = unwrap(model)
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("model has no parameters that require grad")
         self._model = model
         self._names = [name for name, _ in named]
+        self._process_group = comm.group if comm.distributed else None
         super().__init__([p for _, p in named], defaults)
 
     def __getstate__(self) -> dict[str, Any]:
         """``torch.optim.Optimizer``'s state plus the model, so that pickling and
-        ``copy.deepcopy`` keep a working optimizer."""
-        return {**super().__getstate__(), "_model": self._model, "_names": self._names}
+        ``copy.deepcopy`` keep a working optimizer (of a model on a process of its own: a
+        process group does not pickle)."""
+        return {**super().__getstate__(), "_model": self._model, "_names": self._names,
+                "_process_group": getattr(self, "_process_group", None)}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Only the one group made from the model is supported; a second raises ValueError."""
@@ -113,7 +119,7 @@ class _HardOptimizer(torch.optim.Optimizer):
                         rtol=group["rtol"], maxit=group["maxit"], inequality=inequality,
                         correction=group.get("correction", 1.0),
                         regularization=group.get("regularization", 0.0),
-                        **options)
+                        process_group=getattr(self, "_process_group", None), **options)
 
     def _apply(self, result: KKTStep) -> KKTStep:
         """Add ``dw`` to the parameters in place."""
@@ -141,7 +147,8 @@ class HardSGD(_HardOptimizer):
     answer keeps the step finite when constraints are duplicated or contradictory.
 
     Args:
-        model: the network; its parameters that require grad are optimized (one group).
+        model: the network; its parameters that require grad are optimized (one group). A DDP
+            model: its module, each process stepping on its shard (see the module docstring).
         lr: learning rate, ``1/η`` (default 1e-2), > 0.
         rtol: MINRES-QLP's relative tolerance (default 1e-6).
         maxit: MINRES-QLP's iteration limit (default None: 4× the system size).
@@ -220,7 +227,8 @@ class HardAdam(_HardOptimizer):
     ``load_state_dict()`` resume exactly.
 
     Args:
-        model: the network; its parameters that require grad are optimized (one group).
+        model: the network; its parameters that require grad are optimized (one group). A DDP
+            model: its module, each process stepping on its shard (see the module docstring).
         lr: learning rate, ``1/η`` (default 1e-3), > 0.
         betas: ``(β₁, β₂)``, each in [0, 1) (default (0.9, 0.999)).
         eps: ``ε`` > 0 (default 1e-8).
@@ -337,7 +345,8 @@ class HardGaussNewton(_HardOptimizer):
     ``w ← w + dw``.
 
     Args:
-        model: the network; its parameters that require grad are optimized (one group).
+        model: the network; its parameters that require grad are optimized (one group). A DDP
+            model: its module, each process stepping on its shard (see the module docstring).
         damping: ``η`` > 0 (default 1.0).
         rtol: MINRES-QLP's relative tolerance (default 1e-6).
         maxit: MINRES-QLP's iteration limit (default None: 4× the system size).

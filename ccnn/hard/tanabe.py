@@ -64,6 +64,17 @@ previous step's ``Λ``; both give the minimum-length solution when ``J`` is rank
 returned loss carries the gradient computed once from those Jacobians: its ``backward()`` only
 writes ``∇f̄ + Σ λ ∇g`` into the parameters' ``.grad``, so any optimizer can take the step.
 
+Under :class:`~torch.nn.parallel.DistributedDataParallel` (DDP) ``Tanabe(ddp_model)`` works on
+``ddp_model.module`` with each process's shard of the global batch, and every process computes
+the gradient one process would compute on the whole batch (the multipliers replicated on every
+process, the sums over processes done explicitly; ``loss.backward()`` writes the same ``∇L`` on
+every process, and DDP's own hooks do not run as long as the DDP model's forward is not called).
+The full version's ``f̄`` and the reduction's batch means are those of all samples (exact for
+shards of any sizes). ``coupling="batch"`` gathers every process's rows ``J_G`` for the dense
+solver, and for MINRES-QLP keeps them sharded: ``J_G·v`` is gathered, ``J_Gᵀ·Λ`` summed over the
+processes. ``coupling="sample"`` solves each sample's system where it lives. A callable
+``reduction`` is refused (its batch reduction cannot be made the global batch's).
+
 Constraints on derivatives of the network with respect to its inputs (PDE residuals) work as long
 as ``fn`` computes them with :mod:`torch.func` (e.g. :func:`input_derivatives`) or with plain
 differentiable torch code (Taylor-mode propagation); ``torch.autograd.grad`` with
@@ -100,6 +111,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vmap
 
+from ccnn.hard.distributed import unwrap
 from ccnn.hard.minres_qlp import MinresQLPInfo, minres_qlp
 
 __all__ = [
@@ -241,8 +253,15 @@ def tanabe_multipliers(
         def op(v: Tensor) -> Tensor:
             return (A @ v.view(shape).unsqueeze(-1)).reshape(-1)
 
-    b = rhs.reshape(-1)
-    start = None if x0 is None else x0.reshape(-1).to(rhs)
+    lam, info = _minres_warm(op, rhs.reshape(-1), rtol, maxit, x0)
+    return lam.view(rhs.shape), info
+
+
+def _minres_warm(op: Tensor | Callable[[Tensor], Tensor], b: Tensor, rtol: float,
+                 maxit: int | None, x0: Tensor | None) -> tuple[Tensor, MinresQLPInfo]:
+    """MINRES-QLP on ``op·Λ = b`` from ``x0``, ``rtol`` relative to ``‖b‖`` (see
+    :func:`tanabe_multipliers`)."""
+    start = None if x0 is None else x0.reshape(-1).to(b)
     if start is not None:
         # MINRES-QLP solves for the correction and measures rtol against its right-hand side
         # b − A·x0; rescale so that a good warm start stops early (tolerance relative to ‖b‖)
@@ -250,8 +269,7 @@ def tanabe_multipliers(
         r0_norm, b_norm = float(r0.norm()), float(b.norm())
         if r0_norm > 0:
             rtol = min(rtol * b_norm / r0_norm, 0.5)
-    lam, info = minres_qlp(op, b, rtol=rtol, maxit=maxit, x0=start)
-    return lam.view(rhs.shape), info
+    return minres_qlp(op, b, rtol=rtol, maxit=maxit, x0=start)
 
 
 def _grads(output: Tensor, inputs: list[Tensor], retain_graph: bool) -> list[Tensor]:
@@ -300,6 +318,10 @@ class TanabeStep:
         The MINRES-QLP report, None for the dense solver.
     grad : Tensor
         ``∇L`` flattened (the negative of Tanabe's ``Ψ``), detached.
+    shard : slice or None
+        Under DDP ``f``, ``reduced``, ``lam`` and ``grad`` are the global batch's and ``g`` holds
+        every process's rows in rank order (and the full version's ``lam`` every sample's);
+        ``shard`` is this process's rows of them. None on a process of its own.
     """
 
     loss: Tensor
@@ -309,6 +331,7 @@ class TanabeStep:
     lam: Tensor
     info: MinresQLPInfo | None
     grad: Tensor
+    shard: slice | None = None
 
 
 def _check_int(name: str, value: Any, low: int, optional: bool = False) -> None:
@@ -341,7 +364,9 @@ class Tanabe:
     Parameters
     ----------
     model : nn.Module
-        The network; all parameters with ``requires_grad`` are the ``θ`` of the dynamics.
+        The network; all parameters with ``requires_grad`` are the ``θ`` of the dynamics. A
+        DDP model: its module, with the global batch sharded across its process group (see the
+        module docstring).
     version : "full" or "reduction"
     coupling : "batch" or "sample"
         Full version only: one system over the batch, or Eq. 5's per-sample systems.
@@ -388,15 +413,7 @@ class Tanabe:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            # The multipliers come from per-sample (full) or batch-wise (reduction) Jacobians
-            # of this process's samples; under DDP the batch-coupled systems would need their
-            # products summed across processes, which is not implemented.
-            raise ValueError(
-                "Tanabe does not support DistributedDataParallel (DDP) yet: its multiplier "
-                "systems are built from one process's batch; train on one process "
-                "(docs/distributed.md)"
-            )
+        model, comm = unwrap(model)
         if version not in _VERSIONS:
             raise ValueError(f"version must be one of {_VERSIONS}, got {version!r}")
         if coupling not in _COUPLINGS:
@@ -417,7 +434,14 @@ class Tanabe:
         _check_int("dense_max", dense_max, 0)
         if solve_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"solve_dtype must be torch.float32 or float64, got {solve_dtype}")
+        if comm.distributed and version == "reduction" and callable(reduction):
+            raise ValueError(
+                "reduction=<callable> is not supported under DistributedDataParallel (DDP): "
+                "the batch reduction g̃ must be the global batch's, and only 'mse' and 'huber' "
+                "(batch means) can be combined from the processes' shards"
+            )
         self.model = model
+        self._comm = comm
         self.version = version
         self.coupling = coupling
         self.reduction = reduction
@@ -482,11 +506,16 @@ class Tanabe:
                 fbar, g, gt, J = self._reduction_batched(fn, batch, names, params)
             else:
                 fbar, g, gt, J = self._reduction_autograd(fn, batch, params)
-            return self._reduction(fbar, g, gt, J, params)
+            shard = None
+            if self._comm.distributed:
+                fbar, g, gt, J, shard = self._share_reduction(fbar, g, gt, J, size)
+            return self._reduction(fbar, g, gt, J, params, shard)
         if self.batched_params:
             f, g, Gf, Gg = self._jacobians_batched(fn, batch, names, params)
         else:
             f, g, Gf, Gg = self._jacobians_vmap(fn, batch, names, params)
+        if self._comm.distributed:
+            return self._full_shared(f, g, Gf, Gg, params, index)
         return self._full(f, g, Gf, Gg, params, index)
 
     def _check_index(self, index: Tensor, size: int) -> Tensor:
@@ -670,6 +699,92 @@ class Tanabe:
         value = f.mean() + (lam.to(g) * g).sum() / B
         return self._finish(value.detach(), d, params, f.mean().detach(), g, None, lam, info)
 
+    def _full_shared(self, f: Tensor, g: Tensor, Gf: Tensor, Gg: Tensor, params: list[Tensor],
+                     index: Tensor | None) -> TanabeStep:
+        """:meth:`_full` over the global batch, this process holding the samples ``f, g`` and
+        their gradients (Eq. 5 and 9 of Jergensen 2019 over all processes' samples).
+
+        ``Λ`` is replicated as all samples' multipliers (rank order). Batch coupling:
+        ``∇f̄`` is the sum of the processes' ``Σ_i ∇f_i`` over the global ``B``; the dense solver
+        gathers every process's rows of ``J_G``, MINRES-QLP multiplies with
+        ``J_G·J_Gᵀ·Λ = gather_r(J_r·Σ_s J_sᵀΛ_s)``. Sample coupling: each sample's system
+        where it lives (MINRES-QLP on the gathered block-diagonal system, as on one process).
+        """
+        comm = self._comm
+        size, M = g.shape
+        samples = comm.rows(size)
+        B = samples.total
+        rows = samples.scaled(M)
+        dt = self.solve_dtype
+        Gg64, g64 = Gg.to(dt), g.to(dt)
+        if index is not None:
+            index = samples.gather(index)
+        x0 = self._start(B, M, index)
+        unknowns = B * M
+        dense = self.solver == "dense" or (self.solver == "auto" and unknowns <= self.dense_max)
+        info: MinresQLPInfo | None = None
+        if self.coupling == "batch":
+            sums = comm.reduce_sum(torch.cat([Gf.sum(0), f.detach().sum().reshape(1)]))
+            grad_f, f_sum = (sums[:-1] / B).to(dt), sums[-1]
+            J = Gg64.reshape(size * M, -1)
+            if dense:
+                J_all = rows.gather(J)
+                Lam, _ = tanabe_multipliers(J_all, grad_f, rows.gather(g64.reshape(-1)),
+                                            solver="dense")
+                d = grad_f + J_all.mT @ Lam
+            else:
+                def op(lam: Tensor) -> Tensor:
+                    return rows.gather(J @ comm.reduce_sum(J.mT @ rows.local(lam)))
+
+                b = rows.gather(g64.reshape(-1) - J @ grad_f)
+                Lam, info = _minres_warm(op, b, self.rtol, self.maxit, x0)
+                d = grad_f + comm.reduce_sum(J.mT @ rows.local(Lam))
+            Lam = Lam.view(B, M)
+            lam = B * Lam
+        else:
+            Gf64 = Gf.to(dt)
+            A = Gg64 @ Gg64.mT  # (size, M, M): one system per sample
+            rhs = g64 - (Gg64 @ Gf64.unsqueeze(-1)).squeeze(-1)
+            if dense:
+                lam = samples.gather(_solve_dense(A, rhs))
+            else:
+                def op(lam: Tensor) -> Tensor:
+                    return rows.gather((A @ rows.local(lam).view(size, M, 1)).reshape(-1))
+
+                lam, info = _minres_warm(op, rows.gather(rhs.reshape(-1)), self.rtol,
+                                         self.maxit, x0)
+                lam = lam.view(B, M)
+            mine = samples.local(lam)
+            total = (Gf64 + (Gg64.mT @ mine.unsqueeze(-1)).squeeze(-1)).sum(0)
+            sums = comm.reduce_sum(torch.cat([total, f.detach().sum().reshape(1).to(dt)]))
+            d, f_sum = sums[:-1] / B, sums[-1].to(f)
+            Lam = lam
+        self._remember(Lam, index)
+        g_all = samples.gather(g.detach())
+        fbar = f_sum / B
+        value = fbar + (lam.to(g) * g_all).sum() / B
+        return self._finish(value.detach(), d, params, fbar.detach(), g_all, None, lam, info,
+                            samples.span)
+
+    def _share_reduction(self, fbar: Tensor, g: Tensor, gt: Tensor, J: Tensor, size: int
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, slice]:
+        """The global batch's ``f̄``, ``g̃`` and ``J = (∇f̄; ∇g̃)`` from this process's (Eq. 6 and
+        10 of Jergensen 2019 over all processes' samples): batch means, so the processes'
+        means weighted by their numbers of loss rows (``size``) and of residual rows, in one
+        all-reduce. Also every process's residuals ``g`` (rank order) and this one's rows."""
+        comm = self._comm
+        g_rows = comm.rows(g.shape[0])
+        n_f, n_g, m = float(size), float(g_rows.count), gt.numel()
+        packed = torch.cat([(n_f * fbar).reshape(1), n_g * gt, n_f * J[0],
+                            (n_g * J[1:]).reshape(-1), J.new_tensor([n_f])])
+        total = comm.reduce_sum(packed)
+        B, B_g = total[-1], g_rows.total
+        cols = J.shape[1]
+        grad_f = total[1 + m:1 + m + cols] / B
+        grad_g = total[1 + m + cols:-1].view(m, cols) / B_g
+        J_all = torch.cat([grad_f.unsqueeze(0), grad_g])
+        return total[0] / B, g_rows.gather(g), total[1:1 + m] / B_g, J_all, g_rows.span
+
     def _start(self, B: int, M: int, index: Tensor | None) -> Tensor | None:
         if not self.warm_start:
             return None
@@ -752,7 +867,7 @@ class Tanabe:
         return fbar.detach(), blocks[0].detach(), gt.detach(), J
 
     def _reduction(self, fbar: Tensor, g: Tensor, gt: Tensor, J: Tensor,
-                   params: list[Tensor]) -> TanabeStep:
+                   params: list[Tensor], shard: slice | None = None) -> TanabeStep:
         """Eq. 6 and 10 from ``J = (∇f̄; ∇g̃)``; one reduced constraint with the dense solver is
         the scalar ``λ = (g̃ − ∇g̃·∇f̄) / ‖∇g̃‖²`` (0 where ``∇g̃ = 0``), computed in
         ``solve_dtype`` without forming the general system."""
@@ -775,10 +890,11 @@ class Tanabe:
             d = torch.addmv(J[0], J[1:].mT, lam.to(J.dtype))
             loss = fbar + (lam.to(gt) * gt).sum()
         self._last = lam.detach().clone()
-        return self._finish(loss, d, params, fbar, g, gt, lam, info)
+        return self._finish(loss, d, params, fbar, g, gt, lam, info, shard)
 
     def _finish(self, value: Tensor, d: Tensor, params: list[Tensor], fbar: Tensor, g: Tensor,
-                reduced: Tensor | None, lam: Tensor, info: MinresQLPInfo | None) -> TanabeStep:
+                reduced: Tensor | None, lam: Tensor, info: MinresQLPInfo | None,
+                shard: slice | None = None) -> TanabeStep:
         if not bool(torch.isfinite(d).all()):
             raise RuntimeError("the Tanabe gradient is non-finite (inf or nan)")
         dtypes = {p.dtype for p in params}
@@ -788,4 +904,4 @@ class Tanabe:
                       for part, p in zip(parts, params, strict=True))
         loss = _Carrier.apply(value, grads, *params)
         return TanabeStep(loss=loss, f=fbar, g=g, reduced=reduced, lam=lam.detach(), info=info,
-                          grad=d.detach())
+                          grad=d.detach(), shard=shard)
