@@ -151,9 +151,9 @@ def _add_test_time_crf(p: argparse.ArgumentParser) -> None:
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo", help="the main job: four methods on the synthetic default",
-        description="Train full, mil, ccnn and ccnn-size on the synthetic default (roughly 11 "
-                    "minutes on two CPU cores) and print their mIoU on the test split, before "
-                    "and after the refinement stage.")
+        description="Train full, mil, ccnn and ccnn-size on the synthetic default (18-19 "
+                    "minutes on two CPU cores, measured) and print their mIoU on the test "
+                    "split, before and after the refinement stage.")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--json", metavar="PATH", help="also write the table as JSON")
     p.add_argument("--seed", type=int, default=0, help="default 0")
@@ -163,12 +163,14 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, help="override the preset's epochs")
     p.add_argument("--jobs", type=int, default=2,
                    help="methods trained at once, each in a process of its own on one thread "
-                        "(default 2: the demo's ten minutes on two cores; 1: one after another "
-                        "in this process, on torch's threads). The numbers depend on the thread "
-                        "count, so a table is reproduced with the same --jobs")
+                        "(default 2; 1: one after another in this process, on torch's threads). "
+                        "The numbers depend on the thread count, so a table is reproduced with "
+                        "the same --jobs")
     p.add_argument("--train-size", type=int, help="training images (default 1000)")
     p.add_argument("--val-size", type=int, help="validation images (default 200)")
     p.add_argument("--test-size", type=int, help="test images, the table's (default 200)")
+    p.add_argument("--device", help="the methods' device, e.g. cuda (default cpu; the backbone's "
+                                    "pretraining stays on the CPU)")
     p.add_argument("--no-pretrain", dest="pretrain", action="store_false",
                    help="start every method from random weights (no shared pretrained backbone)")
     _add_no_progress(p)

@@ -118,11 +118,11 @@ def main_demo(args: argparse.Namespace) -> int:
 
     out_json = json_path(args.json)  # checked before any training
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    sizes = {k: getattr(args, k) for k in ("train_size", "val_size", "test_size")
-             if getattr(args, k)}
+    overrides = {k: getattr(args, k) for k in ("train_size", "val_size", "test_size", "device")
+                 if getattr(args, k)}
     table = run_demo(args.out, seed=args.seed, methods=methods, epochs=args.epochs,
                      pretraining=args.pretrain, jobs=args.jobs,
-                     progress_bar=on_terminal(args.progress), **sizes)
+                     progress_bar=on_terminal(args.progress), **overrides)
     print(format_table(table))
     print(f"reports in {Path(args.out)}/<method>/report")
     if out_json is not None:

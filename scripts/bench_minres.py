@@ -10,9 +10,11 @@
 For both: distance of each answer to the pseudoinverse solution and the direct relAres.
 
 Timings are medians of --repeats interleaved runs. torch uses one thread, like numpy's
-element-wise ops. Prints a table and writes JSON.
+element-wise ops. With ``--device cuda`` ours runs on the GPU (timed with a synchronisation;
+SciPy stays on the CPU). Prints a table and writes JSON.
 
-    python scripts/bench_minres.py [--n-free 1000000] [--repeats 5] [--json docs/bench_minres.json]
+    python scripts/bench_minres.py [--n-free 1000000] [--repeats 5] [--device cpu|cuda]
+        [--json docs/bench_minres.json]
 """
 
 from __future__ import annotations
@@ -59,12 +61,16 @@ def laplace_numpy(sigma: float):
     return apply
 
 
-def run_pair(name, torch_op, np_op, n, b, rtol, maxit, repeats):
+def run_pair(name, torch_op, np_op, n, b, rtol, maxit, repeats, device):
     rows = {}
-    bt = torch.from_numpy(b)
+    bt = torch.from_numpy(b).to(device)
+    op = torch_op if callable(torch_op) else torch_op.to(device)
 
     def ours():
-        return minres_qlp(torch_op, bt, rtol=rtol, maxit=maxit)
+        x, info = minres_qlp(op, bt, rtol=rtol, maxit=maxit)
+        if bt.is_cuda:
+            torch.cuda.synchronize()
+        return x.cpu(), info
 
     def theirs():
         its = [0]
@@ -108,6 +114,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="ours (default cpu)")
     p.add_argument("--json", type=Path, default=Path("docs/bench_minres.json"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -122,19 +129,20 @@ def main() -> None:
     A = (A + A.T) / 2
     b = rng.standard_normal(n)
     results.append(run_pair("dense", torch.from_numpy(A), A, n, b, args.rtol, 10 * n,
-                            args.repeats))
+                            args.repeats, args.device))
 
     # matrix-free 1-D Laplacian + shift
     n = args.n_free
     b = rng.standard_normal(n)
     lin = spla.LinearOperator((n, n), matvec=laplace_numpy(args.sigma), dtype=np.float64)
     results.append(run_pair("laplace", laplace_torch(args.sigma), lin, n, b, args.rtol, 10 * n,
-                            args.repeats))
+                            args.repeats, args.device))
 
     def singular_case(name, L, b, x_pinv):
         n = len(b)
-        x, info = minres_qlp(torch.from_numpy(L), torch.from_numpy(b), rtol=args.rtol,
-                             maxit=20 * n)
+        x, info = minres_qlp(torch.from_numpy(L).to(args.device),
+                             torch.from_numpy(b).to(args.device), rtol=args.rtol, maxit=20 * n)
+        x = x.cpu()
         its = [0]
         xs, _ = spla.minres(L, b, rtol=args.rtol, maxiter=20 * n,
                             callback=lambda _: its.__setitem__(0, its[0] + 1))
@@ -181,7 +189,7 @@ def main() -> None:
             print(f"{r['problem']:10} {r['n']:8d} {label:11} {row['iterations']:6d}  dist to pinv "
                   f"{row['dist_to_pinv']:.2e}  relAres {row['relAres']:.1e}")
     meta = {"torch": torch.__version__, "scipy": scipy.__version__, "numpy": np.__version__,
-            "threads": args.threads, "platform": platform.platform(),
+            "threads": args.threads, "device": args.device, "platform": platform.platform(),
             "args": {k: str(v) for k, v in vars(args).items()}}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
