@@ -137,20 +137,27 @@ def test_tanabe_on_device_matches_the_cpu(device, version):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_training_on_device_follows_the_cpu_run(device, tmp_path, tiny):
-    """One epoch of ccnn (P-step, loss, Adam) on ``device``: the checkpoint loads on the CPU, the
-    log records the P-step's time, and the epoch's loss and validation mIoU follow the CPU run's
-    (float32 convolutions differ in their last bits between devices)."""
-    logs = []
+    """One epoch of ccnn (P-step, loss, Adam) and one of the refinement stage (its labels through
+    the dense CRF) on ``device``, the final metrics with the CRF: the checkpoint loads on the
+    CPU, the log records the P-step's time, and the loss, the validation mIoU and the CRF's
+    mIoU follow the CPU run's (float32 convolutions differ in their last bits between devices)."""
+    logs, summaries = [], []
     for where in (device, "cpu"):
-        cfg = TrainConfig(method="ccnn", **{**tiny, "epochs": 1, "device": where})
-        train(cfg, tmp_path / where, report=False, progress_bar=False, log=lambda m: None)
-        logs.append(json.loads((tmp_path / where / LOG).read_text().splitlines()[-1]))
+        cfg = TrainConfig(method="ccnn", **{**tiny, "epochs": 1, "refine_epochs": 1, "crf": True,
+                                            "device": where})
+        summaries.append(train(cfg, tmp_path / where, report=False, progress_bar=False,
+                               log=lambda m: None))
+        logs.append([json.loads(line) for line in
+                     (tmp_path / where / LOG).read_text().splitlines()])
         model = load_checkpoint(tmp_path / where / "checkpoint.pt", "cpu")[0]
         assert next(model.parameters()).device.type == "cpu"
     on_device, on_cpu = logs
-    assert on_device["p_seconds"] > 0 and on_device["p_unconverged"] == 0
-    assert on_device["loss"] == pytest.approx(on_cpu["loss"], rel=1e-3)
-    assert on_device["val_miou"] == pytest.approx(on_cpu["val_miou"], abs=0.02)
+    assert [r["stage"] for r in on_device] == ["train", "refine"]
+    assert on_device[0]["p_seconds"] > 0 and on_device[0]["p_unconverged"] == 0
+    for a, b in zip(on_device, on_cpu, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-3)
+        assert a["val_miou"] == pytest.approx(b["val_miou"], abs=0.02)
+    assert summaries[0]["crf"]["miou"] == pytest.approx(summaries[1]["crf"]["miou"], abs=0.02)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2 or not torch.distributed.is_nccl_available(),
