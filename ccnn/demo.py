@@ -104,11 +104,10 @@ def run_demo(out: str | Path, *, seed: int = 0, methods: Sequence[str] = DEMO_ME
     histories = {}
 
     def record(method: str, row: dict, history: list[dict]) -> None:
-        """Keep a finished method's row (the table on disk in ``methods``' order so far)."""
+        """Keep a finished method's row and write the table so far (rows come in ``methods``'
+        order: the workers' results are awaited in that order)."""
         histories[method] = history
-        done = {m: row if m == method else table["methods"][m] for m in configs
-                if m == method or m in table["methods"]}
-        table["methods"] = done
+        table["methods"][method] = row
         write_json(out / "demo.json", table)
         log(f"{method}: test mIoU {row['miou']:.4f}")
 

@@ -241,22 +241,15 @@ class _Linearized:
 
     def lop(self, u: Tensor) -> Tensor:
         """``Jᵀ·u`` (= ``uᵀJ``): L-op, Eq. 8 of Márquez-Neila, Salzmann and Fua (2017)."""
-        if self._shard is not None:
-            return self._shard.comm.reduce_sum(_flatten(self._lop_dict(self._shard.local(u))))
-        return _flatten(self._lop_dict(u))
+        return _flatten(self._jt(u))
 
-    def _gram_shared(self, u: Tensor, weight: float | Params) -> Tensor:
-        """:meth:`gram` over sharded rows: ``Jᵀu`` summed over the processes, then each
-        process's rows of ``J·W·(Jᵀu)``, gathered (the adjoint test ran before)."""
-        shard = self._shard
-        jt_u = _unflatten(shard.comm.reduce_sum(_flatten(self._lop_dict(shard.local(u)))),
-                          self._params)
-        if isinstance(weight, dict):
-            out = self._rows(self._rop_all({k: t * weight[k] for k, t in jt_u.items()}))
-        else:
-            out = self._rows(self._rop_all(jt_u)) * weight
-        self._last_lops = [*self._last_lops[-1:], (u.clone(), jt_u)]
-        return shard.gather(out)
+    def _jt(self, u: Tensor) -> Params:
+        """``Jᵀ·u`` as a dict; after :meth:`share`, each process's rows applied to its part of
+        ``u`` and summed over the processes."""
+        if self._shard is None:
+            return self._lop_dict(u)
+        own = _flatten(self._lop_dict(self._shard.local(u)))
+        return _unflatten(self._shard.comm.reduce_sum(own), self._params)
 
     def gram(self, u: Tensor, weight: float | Params) -> Tensor:
         """``J·W·Jᵀ·u`` for a positive diagonal ``W`` (a number or a dict shaped like params).
@@ -264,17 +257,18 @@ class _Linearized:
         The first product with a non-zero ``Jᵀu`` also runs the adjoint test of the transposed
         L-op, ``u·(J·W·Jᵀu) = (Jᵀu)·W·(Jᵀu) > 0``, with no extra product; when it fails the R-op
         switches to ``torch.func.jvp`` and :class:`_AdjointMismatchError` is raised, so that the
-        caller redoes the solve. ``Jᵀu`` is kept for :meth:`lop_of_recent`.
+        caller redoes the solve. ``Jᵀu`` is kept for :meth:`lop_of_recent`. After :meth:`share`
+        ``Jᵀu`` is summed over the processes and each process's rows of the product are
+        gathered (the adjoint test ran before the first product).
         """
-        if self._shard is not None:
-            return self._gram_shared(u, weight)
-        jt_u = self._lop_dict(u)
+        shard = self._shard
+        jt_u = self._jt(u)
         if isinstance(weight, dict):
             v = {k: t * weight[k] for k, t in jt_u.items()}
-            out = self._rows(self._rop_all(v, check=False))
+            out = self._rows(self._rop_all(v, check=shard is not None))
         else:
             v = jt_u
-            out = self._rows(self._rop_all(v, check=False)) * weight
+            out = self._rows(self._rop_all(v, check=shard is not None)) * weight
         if self._unchecked:
             expected = sum(float((a * b).sum()) for a, b in zip(jt_u.values(), v.values(),
                                                                 strict=True))
@@ -287,7 +281,7 @@ class _Linearized:
                     raise _AdjointMismatchError
                 self._unchecked = False
         self._last_lops = [*self._last_lops[-1:], (u.clone(), jt_u)]
-        return out
+        return out if shard is None else shard.gather(out)
 
     def lop_of_recent(self, u: Tensor) -> Tensor:
         """``Jᵀu``, reused from one of the last two :meth:`gram` products when ``u`` is equal."""
