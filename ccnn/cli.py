@@ -293,9 +293,13 @@ def _add_pose(sub: argparse._SubParsersAction) -> None:
                    help="share of the linearized violation each step of the persistent-pool "
                         f"method removes, in (0, 1] (default {d.persistent_correction:g}; 1 is "
                         "Eq. 5's full correction)")
-    p.add_argument("--persistent-base", choices=("sgd", "adam"), default=d.persistent_base,
-                   help=f"the persistent method's step: Eq. 5 or Eq. 10-12 (default "
-                        f"{d.persistent_base})")
+    p.add_argument("--persistent-base", choices=("sgd", "adam", "gn"),
+                   default=d.persistent_base,
+                   help=f"the persistent method's step: Eq. 5, Eq. 10-12 or Gauss-Newton's Eq. 6 "
+                        f"(default {d.persistent_base})")
+    p.add_argument("--persistent-maxit", type=int, default=d.persistent_maxit,
+                   help="MINRES-QLP iterations of the persistent method's Gauss-Newton solves "
+                        "(default: those of hard-gn)")
     p.add_argument("--adam-bias-correction", choices=("eq12", "adam"),
                    default=d.adam_bias_correction,
                    help="Hard-Adam's D: Eq. 12 as printed, or Adam's own bias correction "

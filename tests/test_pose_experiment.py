@@ -96,12 +96,17 @@ def test_unconstrained_model_is_the_best_validation_epoch() -> None:
     assert evaluate(model, data["val_x"], data["val_y"])["mean_joint_error"] == min(errors)
 
 
-@pytest.mark.parametrize("name", ["hard-sgd", "hard-adam", "hard-gn", "hard-persistent"])
-def test_a_hard_step_meets_its_linearized_constraints(name: str) -> None:
+@pytest.mark.parametrize(("name", "base"), [
+    ("hard-sgd", "sgd"), ("hard-adam", "sgd"), ("hard-gn", "sgd"), ("hard-persistent", "sgd"),
+    ("hard-persistent", "adam"), ("hard-persistent", "gn")])
+def test_a_hard_step_meets_its_linearized_constraints(name: str, base: str) -> None:
     """On the real network: after one KKT step the mined samples' linearized residuals
     ``C(w) + J·dw`` vanish (J·dw by forward-mode AD, independent of the solver's products);
-    the persistent method's step removes the share ``persistent_correction`` of them."""
-    cfg = PoseConfig(**{**TINY, "rtol": 1e-12, "maxit": 500, "gn_maxit": 500,
+    the persistent method's step, on any of its bases, removes the share
+    ``persistent_correction`` of them."""
+    cfg = PoseConfig(**{**TINY, "rtol": 1e-12, "maxit": 500,
+                        "gn_maxit": 3 if name == "hard-persistent" else 500,
+                        "persistent_maxit": 500, "persistent_base": base,
                         "persistent_correction": 0.25,
                         "lr": {"hard-sgd": 1e-3, "hard-adam": 1e-3, "hard-persistent": 1e-3}})
     data = load_data(cfg)
@@ -134,7 +139,8 @@ def test_a_hard_step_meets_its_linearized_constraints(name: str) -> None:
     ({"soft_lambda": float("nan")}, "soft_lambda must be a non-negative number"),
     ({"gn_batch": 17}, r"gn_batch \(17\) cannot exceed batch_size \(16\)"),
     ({"persistent_correction": 0.0}, r"persistent_correction must be in \(0, 1\]"),
-    ({"persistent_base": "lbfgs"}, "persistent_base must be 'sgd' or 'adam'"),
+    ({"persistent_base": "lbfgs"}, "persistent_base must be 'sgd', 'adam' or 'gn'"),
+    ({"persistent_maxit": 0}, "persistent_maxit must be None or a positive integer"),
     ({"adam_bias_correction": "none"}, "adam_bias_correction must be 'eq12' or 'adam'"),
 ])
 def test_bad_settings_are_refused(changes: dict, message: str) -> None:
@@ -170,6 +176,23 @@ def test_cli_writes_json(tmp_path, capsys: pytest.CaptureFixture) -> None:
     assert set(result["methods"]) == {"unconstrained", "soft-adam", "hard-sgd"}
     assert len(result["methods"]["hard-sgd"]["median_violation_per_iter"]) == 2
     assert "hard-sgd" in capsys.readouterr().out
+
+
+def test_cli_passes_the_persistent_settings(tmp_path) -> None:
+    """--persistent-base gn and --persistent-maxit reach the run (its recorded config and its
+    solves: every one stops at the limit of 2 iterations)."""
+    out_json = tmp_path / "pose.json"
+    code = main(["pose", "--out", str(tmp_path / "run"), "--json", str(out_json),
+                 "--methods", "hard-persistent", "--iterations", "2", "--pretrain-epochs", "1",
+                 "--train-size", "128", "--val-size", "64", "--test-size", "8",
+                 "--pool-size", "128", "--persistent-base", "gn", "--persistent-maxit", "2",
+                 "--no-progress"])
+    assert code == 0
+    result = json.loads(out_json.read_text())
+    assert result["config"]["persistent_base"] == "gn"
+    assert result["config"]["persistent_maxit"] == 2
+    history = result["methods"]["hard-persistent"]["history"]
+    assert [h["solver_iterations"] for h in history] == [2, 2]
 
 
 def test_cli_refuses_bad_options(tmp_path, capsys: pytest.CaptureFixture) -> None:

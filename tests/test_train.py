@@ -227,7 +227,7 @@ def test_synthetic_preset_gives_every_weak_method_the_same_schedule():
     # the constants selected on val of seed 100 (docs/training.md, "Selection on val")
     assert settings["ccnn"]["bounds"] == {"fg_lower": 0.2, "bg_upper": 0.7}
     assert settings["ccnn-size"]["bounds"] == {
-        "fg_lower": 0.2, "bg_upper": 0.8, "size_bg_upper": 0.8, "size_threshold": 0.1,
+        "fg_lower": 0.2, "bg_upper": 0.7, "size_bg_upper": 0.7, "size_threshold": 0.1,
         "size_fg_lower": 0.2, "small_rule": "at-most"}
     assert all("hardness" not in s for s in settings.values())
     assert settings["ccnn"]["test_split"] == "test"

@@ -102,8 +102,11 @@ class PoseConfig:
             hard methods take the paper's 1).
         adam_bias_correction: ``"eq12"`` (as printed) or ``"adam"`` for the Adam-based hard
             steps (:class:`ccnn.hard.HardAdam`).
-        persistent_base: the step of the persistent-pool method: ``"sgd"`` (Eq. 5) or
-            ``"adam"`` (Eq. 10-12).
+        persistent_base: the step of the persistent-pool method: ``"sgd"`` (Eq. 5),
+            ``"adam"`` (Eq. 10-12) or ``"gn"`` (Eq. 6, with ``gn_damping``, ``gn_batch`` and
+            ``persistent_maxit``).
+        persistent_maxit: the iteration limit of the persistent method's solves when its base
+            is ``"gn"`` (None: ``gn_maxit``).
         distinct_sides: right limbs drawn darker, so left and right can be told apart
             (docs/pose_data.md: with one colour a pose and its left/right, depth-mirrored twin
             draw the same image).
@@ -148,6 +151,7 @@ class PoseConfig:
     persistent_correction: float = 0.2
     adam_bias_correction: str = "eq12"
     persistent_base: str = "sgd"
+    persistent_maxit: int | None = None
     distinct_sides: bool = True
     relative: bool = True
     image_size: int = 128
@@ -185,9 +189,14 @@ class PoseConfig:
         if self.adam_bias_correction not in ("eq12", "adam"):
             raise ValueError(f"adam_bias_correction must be 'eq12' or 'adam', got "
                              f"{self.adam_bias_correction!r}")
-        if self.persistent_base not in ("sgd", "adam"):
-            raise ValueError(f"persistent_base must be 'sgd' or 'adam', got "
+        if self.persistent_base not in ("sgd", "adam", "gn"):
+            raise ValueError(f"persistent_base must be 'sgd', 'adam' or 'gn', got "
                              f"{self.persistent_base!r}")
+        pmaxit = self.persistent_maxit
+        if pmaxit is not None and (isinstance(pmaxit, bool) or not isinstance(pmaxit, int)
+                                   or pmaxit < 1):
+            raise ValueError(f"persistent_maxit must be None or a positive integer, got "
+                             f"{self.persistent_maxit!r}")
         for method, value in self.lr.items():
             if method not in METHODS:
                 raise ValueError(f"lr: unknown method {method!r}")
@@ -252,22 +261,25 @@ class _Method:
     def __init__(self, name: str, model: nn.Module, cfg: PoseConfig) -> None:
         self.name, self.model, self.cfg = name, model, cfg
         lr = cfg.lr.get(name)
-        alpha = cfg.persistent_correction if name == "hard-persistent" else 1.0
+        persistent = name == "hard-persistent"
+        alpha = cfg.persistent_correction if persistent else 1.0
+        self.gauss_newton = name == "hard-gn" or (persistent and cfg.persistent_base == "gn")
         self.multipliers = self.dual = None
-        if name == "soft-sgd":
+        if self.gauss_newton:
+            maxit = cfg.persistent_maxit if persistent and cfg.persistent_maxit else cfg.gn_maxit
+            self.optimizer = HardGaussNewton(model, damping=cfg.gn_damping, rtol=cfg.rtol,
+                                             maxit=maxit, correction=alpha)
+        elif name == "soft-sgd":
             self.optimizer = torch.optim.SGD(model.parameters(), lr=lr)
         elif name in ("soft-adam", "lagrangian"):
             self.optimizer = torch.optim.Adam(model.parameters(), lr=lr)
         elif name == "hard-sgd" or (name == "hard-persistent" and cfg.persistent_base == "sgd"):
             self.optimizer = HardSGD(model, lr=lr, rtol=cfg.rtol, maxit=cfg.maxit,
                                      correction=alpha)
-        elif name in ("hard-adam", "hard-persistent"):
+        else:
             self.optimizer = HardAdam(model, lr=lr, rtol=cfg.rtol, maxit=cfg.maxit,
                                       bias_correction=cfg.adam_bias_correction,
                                       correction=alpha)
-        else:
-            self.optimizer = HardGaussNewton(model, damping=cfg.gn_damping, rtol=cfg.rtol,
-                                             maxit=cfg.gn_maxit)
         if name == "lagrangian":
             self.multipliers = IndexedMultipliers(cfg.n_pool, 6)
             rho = cfg.dual_rho
@@ -284,7 +296,7 @@ class _Method:
             def loss(net: Callable) -> Tensor:
                 return pose_loss(net(x), y)
 
-            if self.name == "hard-gn":
+            if self.gauss_newton:
                 xg, yg = x[:cfg.gn_batch], y[:cfg.gn_batch]
                 scale = math.sqrt(2.0 / yg.numel())  # ½‖r‖² = Eq. 14's mean squared error
 
