@@ -270,8 +270,8 @@ def _add_pose(sub: argparse._SubParsersAction) -> None:
                     "left/right symmetry constraints by Soft-SGD, Soft-Adam, the Lagrangian, "
                     "Hard-SGD, Hard-Adam, Hard-Gauss-Newton and the persistent-pool hard method; "
                     "report mean joint error and constraint violation on the test split and "
-                    "draw Fig. 2a and 2b (docs/hard_experiments.md: about 23 minutes on one CPU "
-                    "thread).")
+                    "draw Fig. 2a and 2b (docs/hard_experiments.md: about 6 minutes on two CPU "
+                    "cores).")
     p.add_argument("--out", default="runs/pose", help="folder for the figure (default "
                                                       "runs/pose)")
     p.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
@@ -320,7 +320,7 @@ def _add_hypersphere(sub: argparse._SubParsersAction) -> None:
         description="The synthetic experiment of Márquez-Neila, Salzmann and Fua (2017, §6.2): "
                     "Soft-SGD, Hard-SGD and the persistent-pool hard method on Eq. 16-17 with a "
                     "random subset of active constraints per iteration. Writes Fig. 3 and Fig. 4 "
-                    "as PNG to --out.")
+                    "as PNG to --out (the default run: about 8 minutes on two CPU cores).")
     p.add_argument("--out", default="runs/hypersphere", help="folder for the figures "
                                                              "(default runs/hypersphere)")
     p.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
