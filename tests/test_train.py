@@ -490,9 +490,10 @@ def test_cli_bound_overrides_one_constant_of_the_preset():
     assert cfg.bounds["small_rule"] == "absent" and cfg.bounds["size_threshold"] == 0.1
     bounds = cfg.criterion(4, 0).bounds({"tags": torch.tensor([[1, 1, 1, 0]]),
                                          "sizes": torch.tensor([[0.6, 0.35, 0.05, 0.0]])})
-    # by hand: class 1 large (≥ the preset's 0.2), class 2 small and now absent
+    # by hand: class 1 large (≥ the preset's 0.2), class 2 small and now absent; the background
+    # at most the preset's 0.7
     assert bounds.lower.tolist() == [[0.2, 0.2, 0.0, 0.0]]
-    assert bounds.upper.tolist() == [[0.8, 1.0, 0.0, 0.0]]
+    assert bounds.upper.tolist() == [[0.7, 1.0, 0.0, 0.0]]
 
 
 def test_cli_errors(tmp_path, capsys):
