@@ -367,6 +367,25 @@ def test_batched_params_reuses_copies_only_while_parameters_are_unchanged():
             net.out = Affine(3, 1, generator=gen, dtype=DT)
 
 
+@pytest.mark.parametrize("solver", ["dense", "minres_qlp"])
+@pytest.mark.parametrize("where", ["J", "grad_f"])
+def test_non_finite_systems_raise_a_clear_error(solver, where):
+    """A diverged network (nan in the constraint Jacobian or the loss gradient) gets a
+    FloatingPointError that says so, from either solver, instead of LAPACK's assertion or nan
+    multipliers."""
+    gen = torch.Generator().manual_seed(0)
+    J = torch.randn(3, 5, generator=gen, dtype=DT)
+    grad_f = torch.randn(5, generator=gen, dtype=DT)
+    g = torch.randn(3, generator=gen, dtype=DT)
+    lam, _ = tanabe_multipliers(J, grad_f, g, solver=solver, rtol=1e-12)
+    Jn = J.numpy()
+    expected = np.linalg.pinv(Jn @ Jn.T) @ (g.numpy() - Jn @ grad_f.numpy())
+    np.testing.assert_allclose(lam.numpy(), expected, rtol=1e-8, atol=1e-10)
+    {"J": J, "grad_f": grad_f}[where][1] = math.nan
+    with pytest.raises(FloatingPointError, match=r"not finite .* lower the learning rate"):
+        tanabe_multipliers(J, grad_f, g, solver=solver)
+
+
 def test_bad_arguments_raise_clear_errors():
     model = _mlp()
     x = torch.randn(3, 2, dtype=DT)

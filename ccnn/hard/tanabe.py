@@ -182,11 +182,22 @@ def _jet(fn: Callable[[Tensor], Tensor], x: Tensor, v: Tensor, order: int) -> tu
     return (*primals, tangents[-1])
 
 
+def _require_finite(*tensors: Tensor) -> None:
+    """FloatingPointError unless every entry is finite: the multipliers' system has inf or nan
+    when the weights (or the loss or residuals) have diverged."""
+    if not all(bool(torch.isfinite(t).all()) for t in tensors):
+        raise FloatingPointError(
+            "Tanabe's multipliers: the constraint Jacobian, the loss gradient or the residuals "
+            "are not finite (inf or nan); the weights have diverged: lower the learning rate")
+
+
 def _solve_dense(A: Tensor, b: Tensor, rcond: float | None = None) -> Tensor:
     """Minimum-length least-squares solution ``A⁺b`` of symmetric PSD ``A`` (batched over leading
     dimensions). On the CPU LAPACK's ``gelsy`` (complete orthogonal factorization, measured about
     twice as fast as an eigendecomposition at 100-400 unknowns); elsewhere an eigendecomposition.
-    Singular values (eigenvalues) ``≤ rcond·max`` count as zero (default ``10·n·eps``)."""
+    Singular values (eigenvalues) ``≤ rcond·max`` count as zero (default ``10·n·eps``).
+    FloatingPointError for a non-finite ``A`` or ``b``."""
+    _require_finite(A, b)
     n = A.shape[-1]
     if n == 1:  # a scalar per system: b / a, or 0 where a = 0
         a = A[..., 0]
@@ -260,7 +271,8 @@ def tanabe_multipliers(
 def _minres_warm(op: Tensor | Callable[[Tensor], Tensor], b: Tensor, rtol: float,
                  maxit: int | None, x0: Tensor | None) -> tuple[Tensor, MinresQLPInfo]:
     """MINRES-QLP on ``op·Λ = b`` from ``x0``, ``rtol`` relative to ``‖b‖`` (see
-    :func:`tanabe_multipliers`)."""
+    :func:`tanabe_multipliers`); FloatingPointError for a non-finite ``b`` or answer."""
+    _require_finite(b)
     start = None if x0 is None else x0.reshape(-1).to(b)
     if start is not None:
         # MINRES-QLP solves for the correction and measures rtol against its right-hand side
@@ -269,7 +281,9 @@ def _minres_warm(op: Tensor | Callable[[Tensor], Tensor], b: Tensor, rtol: float
         r0_norm, b_norm = float(r0.norm()), float(b.norm())
         if r0_norm > 0:
             rtol = min(rtol * b_norm / r0_norm, 0.5)
-    return minres_qlp(op, b, rtol=rtol, maxit=maxit, x0=start)
+    lam, info = minres_qlp(op, b, rtol=rtol, maxit=maxit, x0=start)
+    _require_finite(lam)
+    return lam, info
 
 
 def _grads(output: Tensor, inputs: list[Tensor], retain_graph: bool) -> list[Tensor]:

@@ -217,7 +217,7 @@ def _run_tanabe(name: str, start: nn.Module, data: dict[str, Tensor], cfg: PoseC
             optimizer.zero_grad()
             try:
                 step = tanabe(_tanabe_fn(name, cfg, xc), *_tanabe_batch(name, x, y, xc))
-            except RuntimeError as err:  # e.g. LAPACK refusing a Gram matrix with nan
+            except (RuntimeError, FloatingPointError) as err:  # e.g. a Gram matrix with nan
                 raise RuntimeError(f"{name}: the step failed at iteration {it} (the weights "
                                    f"or their gradients were non-finite?): {err}") from err
             step.loss.backward()
