@@ -4,6 +4,7 @@ issue's shape, and runs repeat exactly."""
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -178,9 +179,10 @@ def test_cli_writes_json(tmp_path, capsys: pytest.CaptureFixture) -> None:
     assert "hard-sgd" in capsys.readouterr().out
 
 
-def test_cli_passes_the_persistent_settings(tmp_path) -> None:
+def test_cli_passes_the_persistent_settings(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
     """--persistent-base gn and --persistent-maxit reach the run (its recorded config and its
-    solves: every one stops at the limit of 2 iterations)."""
+    solves: every one stops at the limit of 2 iterations); the truncated solves are counted in
+    one summary line, not warned about step by step."""
     out_json = tmp_path / "pose.json"
     code = main(["pose", "--out", str(tmp_path / "run"), "--json", str(out_json),
                  "--methods", "hard-persistent", "--iterations", "2", "--pretrain-epochs", "1",
@@ -193,6 +195,9 @@ def test_cli_passes_the_persistent_settings(tmp_path) -> None:
     assert result["config"]["persistent_maxit"] == 2
     history = result["methods"]["hard-persistent"]["history"]
     assert [h["solver_iterations"] for h in history] == [2, 2]
+    assert "hard-persistent: 2 of 2 KKT solves stopped at the iteration limit" in caplog.text
+    assert "KKT solve did not converge" not in caplog.text
+    assert logging.getLogger("ccnn.hard.kkt").level == logging.NOTSET  # restored
 
 
 def test_cli_refuses_bad_options(tmp_path, capsys: pytest.CaptureFixture) -> None:

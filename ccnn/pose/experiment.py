@@ -372,9 +372,13 @@ def run_method(name: str, start: nn.Module, data: dict[str, Tensor], cfg: PoseCo
              final["mean_joint_error"], final["median_violation"], seconds / cfg.iterations)
     solver = {}
     if name in HARD:  # a solve stopped by maxit is truncated (still finite, not exact)
-        flags = [h["solver_flag"] for h in history]
+        flags = [Flag(h["solver_flag"]) for h in history]
         solver = {"solver_iterations_mean": sum(h["solver_iterations"] for h in history)
-                  / len(history), "solves_stopped_by_maxit": flags.count(int(Flag.MAXIT))}
+                  / len(history), "solves_stopped_by_maxit": flags.count(Flag.MAXIT)}
+        others = sorted({f.name for f in flags if not f.converged and f is not Flag.MAXIT})
+        log.info("%s: %d of %d KKT solves stopped at the iteration limit%s", name,
+                 solver["solves_stopped_by_maxit"], len(flags),
+                 f"; also unconverged: {', '.join(others)}" if others else "")
     return {**final, **solver, "seconds_per_iter": seconds / cfg.iterations,
             "median_violation_per_iter": [h["heldout_violation"] for h in history],
             "curve": curve, "history": history}
