@@ -54,8 +54,8 @@ from ccnn.pose.skeleton import (
 )
 from ccnn.progress import ProgressBar
 
-__all__ = ["METHODS", "PoseConfig", "evaluate", "plot_fig2", "run_pose", "train_unconstrained",
-           "unconstrained_model"]
+__all__ = ["METHODS", "PoseConfig", "Step", "evaluate", "fine_tune", "plot_fig2", "run_method",
+           "run_pose", "train_unconstrained", "unconstrained_model", "weights_finite"]
 
 log = logging.getLogger(__name__)
 
@@ -334,13 +334,33 @@ def _chooser(name: str, cfg: PoseConfig, generator: torch.Generator) -> ActiveSe
     return MinedActive(cfg.n_pool, cfg.mined, candidates=cfg.candidates, generator=generator)
 
 
+#: One iteration of a fine-tuning method: ``step(x, y, xc, idx)`` on the labelled batch (x, y)
+#: and the constraint inputs xc (pool indices idx) updates the model and returns the statistics
+#: to log (with ``solver_iterations`` and ``solver_flag`` where a Krylov solve ran).
+Step = Callable[[Tensor, Tensor, Tensor, Tensor], dict]
+
+
+def weights_finite(model: nn.Module) -> bool:
+    """Whether every parameter of ``model`` is finite."""
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
 def run_method(name: str, start: nn.Module, data: dict[str, Tensor], cfg: PoseConfig,
                progress: bool = False, split: str = "test") -> dict:
     """Fine-tune a copy of ``start`` by method ``name`` for ``cfg.iterations`` iterations;
     returns its JSON record, evaluated on ``split`` ("test" or "val")."""
     model = copy.deepcopy(start)
+    return fine_tune(name, model, _Method(name, model, cfg).step, data, cfg, progress, split)
+
+
+def fine_tune(name: str, model: nn.Module, step: Step, data: dict[str, Tensor], cfg: PoseConfig,
+              progress: bool = False, split: str = "test") -> dict:
+    """The iterations every fine-tuning method shares: each draws a labelled batch, mines the
+    constraint samples (Eq. 9, or the persistent pool for ``hard-persistent``), calls ``step``
+    and logs the held-out violation; the test curve every ``cfg.eval_every`` iterations. Returns
+    the method's JSON record, evaluated on ``split``."""
     generator = torch.Generator().manual_seed(cfg.seed + 1)
-    method, chooser = _Method(name, model, cfg), _chooser(name, cfg, generator)
+    chooser = _chooser(name, cfg, generator)
     pool, heldout = data["pool_x"], data["val_x"][:cfg.heldout]
     eval_x, eval_y = data[f"{split}_x"], data[f"{split}_y"]
     n = len(data["train_x"])
@@ -352,9 +372,12 @@ def run_method(name: str, start: nn.Module, data: dict[str, Tensor], cfg: PoseCo
             with torch.no_grad():
                 idx = chooser.select(
                     lambda i: symmetry_residuals(model(pool[i]), relative=cfg.relative))
-            stats = method.step(data["train_x"][batch], data["train_y"][batch], pool[idx], idx)
+            try:
+                stats = step(data["train_x"][batch], data["train_y"][batch], pool[idx], idx)
+            except (RuntimeError, FloatingPointError) as err:  # e.g. a system with nan
+                raise RuntimeError(f"{name}: the step failed at iteration {it}: {err}") from err
             seconds += time.perf_counter() - start_time
-            if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            if not weights_finite(model):
                 raise RuntimeError(f"{name}: the weights became non-finite at iteration {it}")
             with torch.no_grad():
                 stats["heldout_violation"] = float(
@@ -370,18 +393,25 @@ def run_method(name: str, start: nn.Module, data: dict[str, Tensor], cfg: PoseCo
     final = evaluate(model, eval_x, eval_y)
     log.info("%s: error %.4f m, median |C| %.3g, %.3f s/iteration", name,
              final["mean_joint_error"], final["median_violation"], seconds / cfg.iterations)
-    solver = {}
-    if name in HARD:  # a solve stopped by maxit is truncated (still finite, not exact)
-        flags = [Flag(h["solver_flag"]) for h in history]
-        solver = {"solver_iterations_mean": sum(h["solver_iterations"] for h in history)
-                  / len(history), "solves_stopped_by_maxit": flags.count(Flag.MAXIT)}
-        others = sorted({f.name for f in flags if not f.converged and f is not Flag.MAXIT})
-        log.info("%s: %d of %d KKT solves stopped at the iteration limit%s", name,
-                 solver["solves_stopped_by_maxit"], len(flags),
-                 f"; also unconverged: {', '.join(others)}" if others else "")
-    return {**final, **solver, "seconds_per_iter": seconds / cfg.iterations,
+    return {**final, **_solver_summary(name, history), "seconds_per_iter": seconds / cfg.iterations,
             "median_violation_per_iter": [h["heldout_violation"] for h in history],
             "curve": curve, "history": history}
+
+
+def _solver_summary(name: str, history: list[dict]) -> dict:
+    """Mean MINRES-QLP iterations and the solves stopped by maxit (truncated: still finite, not
+    exact) over the iterations that ran one; {} when none did."""
+    solved = [h for h in history if "solver_flag" in h]
+    if not solved:
+        return {}
+    flags = [Flag(h["solver_flag"]) for h in solved]
+    summary = {"solver_iterations_mean": sum(h["solver_iterations"] for h in solved)
+               / len(solved), "solves_stopped_by_maxit": flags.count(Flag.MAXIT)}
+    others = sorted({f.name for f in flags if not f.converged and f is not Flag.MAXIT})
+    log.info("%s: %d of %d KKT solves stopped at the iteration limit%s", name,
+             summary["solves_stopped_by_maxit"], len(flags),
+             f"; also unconverged: {', '.join(others)}" if others else "")
+    return summary
 
 
 def load_data(cfg: PoseConfig) -> dict[str, Tensor]:

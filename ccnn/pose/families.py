@@ -43,9 +43,9 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor, nn
 
-from ccnn.hard import Flag, nonlinear_projection
+from ccnn.hard import nonlinear_projection
 from ccnn.hard.tanabe import Tanabe
-from ccnn.pose.experiment import PoseConfig, _chooser, evaluate
+from ccnn.pose.experiment import PoseConfig, evaluate, fine_tune, weights_finite
 from ccnn.pose.skeleton import symmetry_residuals
 from ccnn.progress import ProgressBar
 
@@ -130,10 +130,6 @@ def full_jacobian_bytes(model: nn.Module, rows: int, constraints: int = 6) -> in
     return rows * n * (2 * item * (1 + constraints) + 8 * constraints)
 
 
-def _params_finite(model: nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
-
-
 def _check_args(name: str, split: str) -> None:
     if name not in FAMILY_METHODS:
         raise ValueError(f"name must be one of {', '.join(FAMILY_METHODS)}, got {name!r}")
@@ -197,64 +193,24 @@ def _run_tanabe(name: str, start: nn.Module, data: dict[str, Tensor], cfg: PoseC
                 f"tanabe-full needs about {need / 2**30:.1f} GiB of per-sample Jacobians for "
                 f"{cfg.batch_size + cfg.mined} rows (full_max_gib={settings.full_max_gib})")
     model = copy.deepcopy(start)
-    generator = torch.Generator().manual_seed(cfg.seed + 1)
-    chooser = _chooser(name, cfg, generator)
     version = "full" if name == "tanabe-full" else "reduction"
     tanabe = Tanabe(model, version=version, reduction=settings.tanabe_reduction)
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.tanabe_lr)
-    pool, heldout = data["pool_x"], data["val_x"][:cfg.heldout]
-    eval_x, eval_y = data[f"{split}_x"], data[f"{split}_y"]
-    n = len(data["train_x"])
-    history, curve, seconds = [], [], 0.0
-    with ProgressBar(progress, cfg.iterations, name) as bar:
-        for it in range(cfg.iterations):
-            start_time = time.perf_counter()
-            batch = torch.randint(n, (cfg.batch_size,), generator=generator)
-            with torch.no_grad():
-                idx = chooser.select(
-                    lambda i: symmetry_residuals(model(pool[i]), relative=cfg.relative))
-            x, y, xc = data["train_x"][batch], data["train_y"][batch], pool[idx]
-            optimizer.zero_grad()
-            try:
-                step = tanabe(_tanabe_fn(name, cfg, xc), *_tanabe_batch(name, x, y, xc))
-            except (RuntimeError, FloatingPointError) as err:  # e.g. a Gram matrix with nan
-                raise RuntimeError(f"{name}: the step failed at iteration {it} (the weights "
-                                   f"or their gradients were non-finite?): {err}") from err
-            step.loss.backward()
-            optimizer.step()
-            seconds += time.perf_counter() - start_time
-            if not _params_finite(model):
-                raise RuntimeError(f"{name}: the weights became non-finite at iteration {it}")
-            g = step.g if name == "tanabe-reduction" else step.g[len(x):]
-            stats = {"loss": float(step.f), "active_violation": float(g.abs().median()),
-                     "multiplier_norm": float(step.lam.norm())}
-            if step.info is not None:
-                stats["solver_iterations"] = step.info.iterations
-                stats["solver_flag"] = int(step.info.flag)
-            with torch.no_grad():
-                stats["heldout_violation"] = float(
-                    symmetry_residuals(model(heldout)).abs().median())
-            stats["active"] = len(idx)
-            history.append(stats)
-            log.debug("%s iteration %d: %s", name, it + 1, stats)
-            if (it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iterations:
-                point = evaluate(model, eval_x, eval_y)
-                curve.append({"iteration": it + 1, "mean_joint_error": point["mean_joint_error"],
-                              "median_violation": point["median_violation"]})
-            bar({k: v for k, v in stats.items() if k in ("loss", "heldout_violation")})
-    final = evaluate(model, eval_x, eval_y)
-    log.info("%s: error %.4f m, median |C| %.3g, %.3f s/iteration", name,
-             final["mean_joint_error"], final["median_violation"], seconds / cfg.iterations)
-    solver = {}
-    solved = [h for h in history if "solver_flag" in h]
-    if solved:  # MINRES-QLP solves (the dense ones report nothing)
-        solver = {"solver_iterations_mean": sum(h["solver_iterations"] for h in solved)
-                  / len(solved),
-                  "solves_stopped_by_maxit": [h["solver_flag"] for h in solved
-                                              ].count(int(Flag.MAXIT))}
-    return {**final, **solver, "seconds_per_iter": seconds / cfg.iterations,
-            "median_violation_per_iter": [h["heldout_violation"] for h in history],
-            "curve": curve, "history": history}
+
+    def step(x: Tensor, y: Tensor, xc: Tensor, idx: Tensor) -> dict:
+        optimizer.zero_grad()
+        out = tanabe(_tanabe_fn(name, cfg, xc), *_tanabe_batch(name, x, y, xc))
+        out.loss.backward()
+        optimizer.step()
+        g = out.g if name == "tanabe-reduction" else out.g[len(x):]
+        stats = {"loss": float(out.f), "active_violation": float(g.abs().median()),
+                 "multiplier_norm": float(out.lam.norm())}
+        if out.info is not None:  # MINRES-QLP solves (the dense ones report nothing)
+            stats["solver_iterations"] = out.info.iterations
+            stats["solver_flag"] = int(out.info.flag)
+        return stats
+
+    return fine_tune(name, model, step, data, cfg, progress, split)
 
 
 def _run_projection(name: str, start: nn.Module, data: dict[str, Tensor], cfg: PoseConfig,
@@ -311,7 +267,7 @@ def _run_projection(name: str, start: nn.Module, data: dict[str, Tensor], cfg: P
     errors = dict(report.history)
     for h in history:
         h["constraint_error"] = errors.get(h["step"])
-    if not _params_finite(result.model):
+    if not weights_finite(result.model):
         raise RuntimeError(f"{name}: the weights became non-finite")
     final = evaluate(result.model, eval_x, eval_y)
     steps = max(report.steps, 1)
