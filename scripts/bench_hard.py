@@ -26,16 +26,19 @@ script first tries MINRES-QLP settings (rtol, maxit) for the hard methods, each 
 state (after 3 and after 10 steps of the method), and reports per setting the step's time,
 iterations, the linearized constraint residual ‖C + J·dw‖/‖C‖ (J·dw by ``torch.func.jvp``), the
 same relative to the unconstrained step's ‖C + J·dw₀‖, and the actual ‖C(w + dw)‖/‖C(w)‖ on the
-16 mined samples.
+16 mined samples. With ``--compare-plain`` every hard method runs twice in the same rounds, the
+second time (``(plain)``) with PyTorch's own convolution double backward instead of
+:func:`ccnn.hard.double_backward.lean_conv_double_backward` (the same numbers, more work).
 
     python scripts/bench_hard.py [--json PATH] [--rounds N] [--threads T] [--device cpu|cuda]
                                  [--seed S] [--rtol R] [--maxit K] [--gn-maxit K] [--init PATH]
-                                 [--sweep]
+                                 [--sweep] [--compare-plain]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import logging
 import math
@@ -44,7 +47,7 @@ import platform
 import statistics
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +62,7 @@ from ccnn.hard import (
     IndexedMultipliers,
     KKTStep,
     MinedActive,
+    kkt,
     lagrangian,
     soft_penalty,
 )
@@ -182,6 +186,7 @@ class Runner:
     selector: MinedActive
     optimizer: Any
     extra: dict[str, Any] = field(default_factory=dict)
+    plain: bool = False  # with PyTorch's own convolution double backward (--compare-plain)
     times: list[float] = field(default_factory=list)
     step_times: list[float] = field(default_factory=list)
     records: list[dict[str, Any]] = field(default_factory=list)
@@ -195,8 +200,19 @@ class Runner:
 
         return self.selector.select(violation)
 
+    @property
+    def label(self) -> str:
+        """The method's name in the table."""
+        return f"{self.name} (plain)" if self.plain else self.name
+
     def step(self, idx: Tensor) -> dict[str, Any]:
         """One update with the constraints of ``idx``; returns what it reports."""
+        if self.plain:
+            with pytorch_double_backward():
+                return self._step(idx)
+        return self._step(idx)
+
+    def _step(self, idx: Tensor) -> dict[str, Any]:
         problem, constraints = self.problem, self.problem.constraints_of(idx)
         if self.name.startswith("hard"):
             if self.name == "hard-gn":
@@ -216,6 +232,18 @@ class Runner:
             (problem.loss(model) + soft_penalty(C, HYPER["soft_lambda"])).backward()
             self.optimizer.step()
         return {}
+
+
+@contextlib.contextmanager
+def pytorch_double_backward() -> Iterator[None]:
+    """The KKT step's R-op through PyTorch's own convolution double backward, which also
+    computes the terms autograd drops (``ccnn.hard.double_backward``), for the comparison."""
+    lean = kkt.lean_conv_double_backward
+    kkt.lean_conv_double_backward = contextlib.nullcontext
+    try:
+        yield
+    finally:
+        kkt.lean_conv_double_backward = lean
 
 
 def hard_record(result: KKTStep) -> dict[str, Any]:
@@ -304,10 +332,10 @@ def summarize(runners: list[Runner]) -> dict[str, dict[str, Any]]:
             row["minres_iterations_mean"] = statistics.fmean(its)
             row["minres_iterations_max"] = max(its)
             row["flags"] = dict(Counter(rec["flag"] for rec in runner.records))
-        out[runner.name] = row
-    soft = next((r for r in runners if r.name == "soft-adam"), None)
+        out[runner.label] = row
+    soft = next((r for r in runners if r.label == "soft-adam"), None)
     for runner in runners:
-        row = out[runner.name]
+        row = out[runner.label]
         if soft is None:
             row["ratio_to_soft_adam"] = row["ratio_to_soft_adam_paired"] = float("nan")
             continue
@@ -317,14 +345,14 @@ def summarize(runners: list[Runner]) -> dict[str, dict[str, Any]]:
         row["ratio_to_soft_adam_paired"] = statistics.median(
             t / t_soft for t, t_soft in zip(runner.times, soft.times, strict=True))
     for runner in runners:
-        out[runner.name]["seconds_each_round"] = runner.times
+        out[runner.label]["seconds_each_round"] = runner.times
     return out
 
 
 def print_table(methods: dict[str, dict[str, Any]], title: str) -> None:
     """The timing table."""
     print(title)
-    header = (f"{'method':<11} {'s/iter':>7} {'step s':>7} {'× soft-adam':>11} {'paired':>6} "
+    header = (f"{'method':<17} {'s/iter':>7} {'step s':>7} {'× soft-adam':>11} {'paired':>6} "
               f"{'min':>6} {'max':>6} {'MINRES its':>10}  flags")
     print(header)
     print("-" * len(header))
@@ -332,7 +360,7 @@ def print_table(methods: dict[str, dict[str, Any]], title: str) -> None:
         its = (f"{row['minres_iterations_mean']:>10.1f}" if "minres_iterations_mean" in row
                else f"{'':>10}")
         flags = ", ".join(f"{k} {v}" for k, v in row.get("flags", {}).items())
-        print(f"{name:<11} {row['seconds_per_iter']:>7.3f} {row['step_seconds_per_iter']:>7.3f} "
+        print(f"{name:<17} {row['seconds_per_iter']:>7.3f} {row['step_seconds_per_iter']:>7.3f} "
               f"{row['ratio_to_soft_adam']:>11.2f} {row['ratio_to_soft_adam_paired']:>6.2f} "
               f"{row['seconds_min']:>6.2f} "
               f"{row['seconds_max']:>6.2f} {its}  {flags}")
@@ -489,6 +517,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gn-maxit", type=int, default=None,
                    help=f"MINRES-QLP iteration limit of hard-gn (default "
                         f"{SOLVER['hard-gn']['maxit']})")
+    p.add_argument("--compare-plain", action="store_true",
+                   help="also run each hard method with PyTorch's own convolution double "
+                        "backward ('(plain)' rows; JSON key plain_double_backward)")
     p.add_argument("--sweep", action="store_true",
                    help="also try MINRES-QLP settings of the hard methods (slow)")
     p.add_argument("--sweep-warm", default="3,10",
@@ -589,6 +620,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.gn_maxit is not None:
         solver["hard-gn"]["maxit"] = args.gn_maxit
     runners = [make_runner(name, start, problem, args, solver) for name in args.methods]
+    if args.compare_plain:
+        for name in args.methods:
+            if name in HARD:
+                runners.append(make_runner(name, start, problem, args, solver))
+                runners[-1].plain = True
     run_interleaved(runners, args.rounds, args.warmup)
     methods = summarize(runners)
     n_params = sum(p.numel() for p in start.parameters())
@@ -608,7 +644,10 @@ def main(argv: list[str] | None = None) -> None:
         "seed": args.seed, "threads": torch.get_num_threads(), "device": str(device),
         "hyper": HYPER, "solver": solver, "total_seconds": time.perf_counter() - t0,
     }
+    plain = {label: methods.pop(label) for label in list(methods) if label.endswith("(plain)")}
     data: dict[str, Any] = {"methods": methods, "settings": settings, "machine": machine(device)}
+    if plain:
+        data["plain_double_backward"] = plain
     if sweep_out is not None:
         data["solver_sweep"] = sweep_out
     if out_path is not None:

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from ccnn.hard.distributed import Collective, ShardedRows
+from ccnn.hard.double_backward import lean_conv_double_backward
 from ccnn.hard.minres_qlp import MinresQLPInfo, minres_qlp
 
 __all__ = ["KKTStep", "kkt_step"]
@@ -116,7 +117,9 @@ class _Linearized:
     returns once at ``w``, called again for every product. ``rop(v) = (∂f/∂w)·v`` is the R-op of
     Eq. 7, computed as the transpose of that linear map: the vjp of ``u ↦ lop(u)``, built once per
     step on first use. It reuses the stored backward graph instead of running the forward pass
-    again (``torch.func.jvp`` does), which measured 1.1-10× faster per product; where a function's
+    again (``torch.func.jvp`` does), which measured 1.1-10× faster per product (through
+    convolutions under :func:`~ccnn.hard.double_backward.lean_conv_double_backward`, which skips
+    the double backward's unrequested terms); where a function's
     backward has no derivative of its own it falls back to ``torch.func.jvp``. Both take and
     return flat vectors. With ``index`` only those rows of ``f`` are kept (the active
     constraints): ``rop`` returns them and ``lop`` takes a vector of their length.
@@ -185,7 +188,8 @@ class _Linearized:
             u = torch.cos(1.7 * torch.arange(self.value.numel(), device=self.value.device,
                                              dtype=self.value.dtype) + 0.3)
             (jt_u,) = self._vjp_fn(u)
-            (j_jt_u,) = transposed((jt_u,))
+            with lean_conv_double_backward():
+                (j_jt_u,) = transposed((jt_u,))
         except RuntimeError as err:  # an op whose backward has no derivative
             logger.debug("R-op by transposing the L-op failed (%s); using jvp", err)
             return None
@@ -209,7 +213,8 @@ class _Linearized:
             self._unchecked = not check and not self._use_jvp
         if not self._use_jvp:
             try:
-                (out,) = self._transposed((v,))
+                with lean_conv_double_backward():
+                    (out,) = self._transposed((v,))
                 return out
             except RuntimeError as err:
                 if not self._unchecked:
