@@ -127,6 +127,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--refine-lr", type=float, metavar="LR",
                    help="restart the learning rate at LR for the refinement stage, decaying over "
                         "its own epochs (default: one schedule spans both stages)")
+    p.add_argument("--refine-sizes", action=argparse.BooleanOptionalAction, default=None,
+                   help="size methods: keep the size bounds (ccnn-size: its one bit per class) "
+                        "in the refinement stage (default: the stage uses the tags alone)")
     p.add_argument("--train-size", type=int, help="synthetic: training images (1000)")
     p.add_argument("--val-size", type=int, help="synthetic: validation images (200)")
     p.add_argument("--test-size", type=int, help="synthetic: test images (200)")
@@ -151,7 +154,7 @@ def _add_test_time_crf(p: argparse.ArgumentParser) -> None:
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo", help="the main job: four methods on the synthetic default",
-        description="Train full, mil, ccnn and ccnn-size on the synthetic default (18-19 "
+        description="Train full, mil, ccnn and ccnn-size on the synthetic default (about 9 "
                     "minutes on two CPU cores, measured) and print their mIoU on the test "
                     "split, before and after the refinement stage.")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
@@ -270,7 +273,7 @@ def _add_pose(sub: argparse._SubParsersAction) -> None:
                     "left/right symmetry constraints by Soft-SGD, Soft-Adam, the Lagrangian, "
                     "Hard-SGD, Hard-Adam, Hard-Gauss-Newton and the persistent-pool hard method; "
                     "report mean joint error and constraint violation on the test split and "
-                    "draw Fig. 2a and 2b (docs/hard_experiments.md: about 6 minutes on two CPU "
+                    "draw Fig. 2a and 2b (docs/hard_experiments.md: about 4 minutes on two CPU "
                     "cores).")
     p.add_argument("--out", default="runs/pose", help="folder for the figure (default "
                                                       "runs/pose)")

@@ -20,7 +20,8 @@ __all__ = ["config_from_args", "main_demo", "main_evaluate", "main_hypersphere",
 _FIELDS = ("model", "backbone_weights", "epochs", "batch_size", "optimizer", "lr", "momentum",
            "weight_decay", "schedule", "crop", "scale", "flip", "p_method", "p_tol", "hardness",
            "seed", "device", "num_workers", "data_root", "train_size", "val_size", "test_size",
-           "train_split", "val_split", "test_split", "crf", "refine_epochs", "refine_lr")
+           "train_split", "val_split", "test_split", "crf", "refine_epochs", "refine_lr",
+           "refine_sizes")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

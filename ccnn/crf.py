@@ -73,22 +73,29 @@ def _shifted(x: Tensor, dy: int, dx: int, r: int) -> Tensor:
 def pairwise_kernels(images: Tensor, params: CRFParams = CRFParams()) -> Tensor:
     """``k(i, i + o)`` for every pixel ``i`` and window offset ``o ≠ 0``: ``(B, O, H, W)``.
 
-    Zero where ``i + o`` falls outside the image.  ``images``: ``(B, 3, H, W)``, 0–255.
+    Zero where ``i + o`` falls outside the image.  ``images``: ``(B, 3, H, W)``, 0–255.  The
+    kernel is symmetric, ``k(i, i − o) = k(i − o, i)``, so the second half of the offsets (the
+    negated first half, in reverse order) is the first half's maps shifted by ``o``: the same
+    numbers to the bit, for half the exponentials.
     """
     r = params.window // 2
     B, _, H, W = images.shape
+    offsets = _offsets(params.window)
+    half = len(offsets) // 2
     padded = torch.nn.functional.pad(images, (r, r, r, r))
-    inside = torch.nn.functional.pad(images.new_ones(B, 1, H, W), (r, r, r, r))
-    out = []
-    for dy, dx in _offsets(params.window):
+    inside = torch.nn.functional.pad(images.new_ones(B, H, W), (r, r, r, r))
+    out = images.new_empty(B, len(offsets), H, W)
+    for o, (dy, dx) in enumerate(offsets[:half]):
         d2 = float(dy * dy + dx * dx)
-        colour = (_shifted(padded, dy, dx, r) - images).square().sum(1, keepdim=True)
-        k = params.appearance_weight * torch.exp(
-            -d2 / (2 * params.position_sigma ** 2) - colour / (2 * params.colour_sigma ** 2))
-        k = k + params.smoothness_weight * torch.exp(
+        colour = (_shifted(padded, dy, dx, r) - images).square().sum(1)
+        k = colour.div_(2 * params.colour_sigma ** 2).neg_().add_(
+            -d2 / (2 * params.position_sigma ** 2)).exp_().mul_(params.appearance_weight)
+        smooth = params.smoothness_weight * torch.exp(
             torch.tensor(-d2 / (2 * params.smoothness_sigma ** 2)))
-        out.append(k * _shifted(inside, dy, dx, r))
-    return torch.cat(out, 1)
+        torch.mul(k.add_(smooth.item()), _shifted(inside, dy, dx, r), out=out[:, o])
+        mirrored = torch.nn.functional.pad(out[:, o], (r, r, r, r))
+        out[:, len(offsets) - 1 - o] = _shifted(mirrored, -dy, -dx, r)
+    return out
 
 
 @torch.no_grad()

@@ -19,8 +19,9 @@ CCNN's constraints push down — and ``p_seconds``, the time of its P-step (0 wi
 * ``"full"`` (:class:`PixelCriterion`) — per-pixel cross-entropy with the masks.
 
 :meth:`Criterion.refinement` gives the criterion of the refinement stage (:mod:`ccnn.refine`):
-the method's loss *from tags only* (the size methods drop their size bounds) plus the per-pixel
-cross-entropy with the stage's pseudo-labels (:class:`RefinementCriterion`).
+the method's loss *from tags only* (the size methods drop their size bounds; with
+``keep_sizes`` they keep them) plus the per-pixel cross-entropy with the stage's pseudo-labels
+(:class:`RefinementCriterion`).
 """
 
 from __future__ import annotations
@@ -81,9 +82,11 @@ class Criterion:
         """The same method without size information (itself unless it uses sizes)."""
         return self
 
-    def refinement(self) -> RefinementCriterion:
-        """The refinement stage's criterion: :meth:`tags_only` plus the labels' cross-entropy."""
-        return RefinementCriterion(self.tags_only())
+    def refinement(self, keep_sizes: bool = False) -> RefinementCriterion:
+        """The refinement stage's criterion: :meth:`tags_only` plus the labels' cross-entropy;
+        with ``keep_sizes`` the method's own bounds, its size information included (for
+        ``ccnn-size`` the one bit it was given, so the stage uses no more than the method)."""
+        return RefinementCriterion(self if keep_sizes else self.tags_only())
 
 
 class TagCriterion(Criterion):
@@ -162,7 +165,7 @@ class PixelCriterion(Criterion):
     def loss(self, logits: Tensor, batch: dict, bounds: Bounds) -> tuple[Tensor, float]:
         return pixel_loss(logits, batch["mask"].to(logits.device)), 0.0
 
-    def refinement(self) -> RefinementCriterion:
+    def refinement(self, keep_sizes: bool = False) -> RefinementCriterion:
         raise ValueError("full trains on the masks; the refinement stage is for the weak-label "
                          "methods")
 

@@ -109,7 +109,8 @@ class TrainConfig:
     ``train_size``, ``val_size`` and ``test_size`` set the number of images of the synthetic
     dataset's splits.  ``refine_epochs`` adds that many epochs of the refinement stage
     (:mod:`ccnn.refine`) after ``epochs``; the schedule spans both, unless ``refine_lr``
-    restarts it for the stage (:func:`lr_factor`).  ``test_split`` is where reports are made
+    restarts it for the stage (:func:`lr_factor`); ``refine_sizes`` keeps the size methods' size
+    bounds in it (by default it uses the tags alone).  ``test_split`` is where reports are made
     (:mod:`ccnn.demo`, ``ccnn evaluate``); training never reads it.
     """
 
@@ -147,6 +148,7 @@ class TrainConfig:
     crf: bool = False  # also report the final metrics after the dense CRF (ccnn.crf)
     refine_epochs: int = 0
     refine_lr: float | None = None
+    refine_sizes: bool = False  # the size methods keep their size bounds in the refinement stage
     skip_bad: bool = False  # leave out the samples of unreadable files (ccnn.data.build_dataset)
 
     def __post_init__(self) -> None:
@@ -205,7 +207,7 @@ class TrainConfig:
         try:
             criterion.bounds(batch)
             if self.method != "full":
-                criterion.refinement().bounds(batch)
+                criterion.refinement(self.refine_sizes).bounds(batch)
         except ValueError as error:
             raise ValueError(f"bounds: {error}") from None
 
@@ -494,9 +496,11 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, overwrite:
     model.to(device)
     net = wrap_model(model, world)
 
-    # criterion: constraints, P-step and loss (the refinement stage's from the tags alone)
+    # criterion: constraints, P-step and loss (the refinement stage's from the tags alone, unless
+    # refine_sizes)
     criterion = cfg.criterion(num_classes, train_set.background)
-    criteria = {False: criterion, True: criterion.refinement() if cfg.refine_epochs else None}
+    refinement = criterion.refinement(cfg.refine_sizes) if cfg.refine_epochs else None
+    criteria = {False: criterion, True: refinement}
     counter = _PStepCounter(list(criteria.values()))
 
     # optimizer and schedule

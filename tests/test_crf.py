@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from ccnn.crf import CRFParams, crf_refine
+from ccnn.crf import CRFParams, crf_refine, pairwise_kernels
 
 
 def explicit_mean_field(image: np.ndarray, logits: np.ndarray, p: CRFParams) -> np.ndarray:
@@ -46,6 +46,33 @@ def test_matches_the_explicit_mean_field(params):
     ours = crf_refine(torch.from_numpy(image)[None], torch.from_numpy(logits)[None], params)
     np.testing.assert_allclose(ours[0].numpy(), explicit_mean_field(image, logits, params),
                                atol=1e-5)
+
+
+def test_kernel_maps_are_the_written_out_kernel_for_every_offset():
+    """Both halves of the offsets (the second is the first's maps shifted, by the kernel's
+    symmetry) against k(i, i + o) computed pixel by pixel, zero outside the image."""
+    params = CRFParams(window=7, position_sigma=3.0, colour_sigma=20.0)
+    rng = np.random.default_rng(1)
+    images = rng.uniform(0, 255, (2, 3, 8, 9))
+    ours = pairwise_kernels(torch.from_numpy(images), params).numpy()
+    r = params.window // 2
+    offsets = [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1) if dy or dx]
+    assert ours.shape == (2, len(offsets), 8, 9)
+    expected = np.zeros_like(ours)
+    for b in range(2):
+        for o, (dy, dx) in enumerate(offsets):
+            for y in range(8):
+                for x in range(9):
+                    if 0 <= y + dy < 8 and 0 <= x + dx < 9:
+                        c2 = ((images[b, :, y, x] - images[b, :, y + dy, x + dx]) ** 2).sum()
+                        d2 = dy * dy + dx * dx
+                        appearance = np.exp(-d2 / (2 * params.position_sigma ** 2)
+                                            - c2 / (2 * params.colour_sigma ** 2))
+                        smoothness = np.exp(-d2 / (2 * params.smoothness_sigma ** 2))
+                        expected[b, o, y, x] = (params.appearance_weight * appearance
+                                                + params.smoothness_weight * smoothness)
+    # the smoothness weight is rounded to float32 (as before the symmetric maps)
+    np.testing.assert_allclose(ours, expected, rtol=1e-7, atol=1e-9)
 
 
 def test_without_pairwise_terms_it_is_the_softmax():

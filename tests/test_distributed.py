@@ -253,7 +253,13 @@ def test_cli_distributed_option_errors(tmp_path, capsys, monkeypatch):
 
 def test_two_processes_train_as_one_process_on_the_global_batch(two_process_run, tmp_path):
     """Global batches of 4 split 2 + 2 (and 1 + none): the weights after 2 epochs and 1
-    refinement epoch (9 optimizer steps) equal one process's on the same batches, to 1e-5."""
+    refinement epoch (9 optimizer steps) equal one process's on the same batches, to 1e-3.
+
+    Not to the bit: oneDNN's channels-last convolutions round a batch of 2 and a batch of 4
+    differently, and a max-pooling window whose entries tie after a ReLU sends its gradient
+    elsewhere on the smallest change, so two runs that differ by rounding alone (one process
+    in the channels-last and the contiguous layout) end 1e-4 apart here, while gradients
+    summed instead of averaged (the learning rate doubled) end 4e-2 away."""
     torch.set_num_threads(1)
     single = tmp_path / "single"
     summary = train(_config(), single, report=False, progress_bar=False, log=lambda m: None)
@@ -261,7 +267,7 @@ def test_two_processes_train_as_one_process_on_the_global_batch(two_process_run,
     assert ddp.keys() == one.keys()
     for key, value in one.items():
         if value.is_floating_point():
-            torch.testing.assert_close(ddp[key], value, atol=1e-5, rtol=0, msg=key)
+            torch.testing.assert_close(ddp[key], value, atol=1e-3, rtol=0, msg=key)
         else:
             assert torch.equal(ddp[key], value), key  # BatchNorm's batch counter
     logged = [json.loads(line) for line in (two_process_run / LOG).read_text().splitlines()]

@@ -15,6 +15,7 @@ from ccnn.models import (
     VGG16FCN,
     DeepLabResNet,
     RandomWeightsWarning,
+    SmallSegNet,
     build_model,
     load_backbone_weights,
 )
@@ -142,3 +143,30 @@ def test_loader_names_wrong_shapes_and_keeps_skipped_keys(tmp_path):
     load_backbone_weights(linear, path, name="tiny", skip=("bias",))
     assert not linear.weight.any()
     assert torch.equal(linear.bias, bias)
+
+
+def test_small_network_runs_channels_last_and_computes_the_plain_layers():
+    """The features take a channels-last input (the faster layout on the CPU); the logits and
+    the gradients are those of the same layers run as a plain Sequential on contiguous input,
+    and the parameter names are a Sequential's (backbone files stay compatible)."""
+    torch.manual_seed(0)
+    model = SmallSegNet(4, width=4).double()
+    plain = nn.Sequential(*model.features).double()
+    seen = []
+    model.features[0].register_forward_hook(
+        lambda module, args, out: seen.append(args[0].is_contiguous(
+            memory_format=torch.channels_last)))
+    x = torch.randn(2, 3, 20, 20, dtype=torch.float64)
+    logits = model(x)
+    assert seen == [True]
+    reference = model.classifier(plain(x))
+    assert seen == [True, False]
+    assert logits.is_contiguous()
+    torch.testing.assert_close(logits, reference, rtol=1e-10, atol=1e-10)
+    grads = torch.autograd.grad(logits.square().sum(), list(model.parameters()))
+    reference_grads = torch.autograd.grad(reference.square().sum(), list(model.parameters()))
+    for g, r in zip(grads, reference_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-10)
+    assert list(model.state_dict()) == (
+        [f"features.{k}" for k in nn.Sequential(*model.features).state_dict()]
+        + ["classifier.weight", "classifier.bias"])

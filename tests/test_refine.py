@@ -59,6 +59,23 @@ def test_pseudo_labels_are_the_argmax_of_the_restricted_crf():
     assert set(refined[0].unique().tolist()) <= {0, 2} and 2 not in refined[1].unique().tolist()
 
 
+@pytest.mark.parametrize("background", [0, None])
+def test_pseudo_labels_equal_the_crf_over_every_class(background):
+    """The CRF run on each image's allowed classes alone gives the maps of the CRF over all
+    classes with the untagged ones suppressed (the plain composition), to the bit — also for
+    an image without tags and batches mixing two, three and four allowed classes."""
+    g = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (6, 3, 10, 11), dtype=torch.uint8, generator=g)
+    scores = torch.randn(6, 5, 10, 11, generator=g) * 4
+    tags = torch.tensor([[0, 1, 0, 0, 0], [0, 0, 1, 1, 0], [0, 1, 1, 0, 1], [0, 0, 0, 0, 0],
+                         [0, 0, 0, 1, 0], [1, 1, 1, 1, 1]])
+    full = crf_refine(images, restrict_to_tags(scores, tags, background), CRFParams()).argmax(1)
+    ours = pseudo_labels(scores, images, tags, background)
+    assert ours.dtype == torch.uint8
+    assert torch.equal(ours.long(), full)
+    assert (ours[3] == 0).all()  # no tag: the background, or class 0 when nothing is allowed
+
+
 @pytest.mark.parametrize("method", ["ccnn", "ccnn-size", "ccnn-size-exact"])
 def test_the_refinement_gradient_is_the_tag_p_steps_plus_the_labels(method):
     """d loss / d logits = (Q − P)/(B·N) with P from the *tag* bounds (sizes never reach the
@@ -78,6 +95,33 @@ def test_the_refinement_gradient_is_the_tag_p_steps_plus_the_labels(method):
     expected = (Q - P) / (2 * 16) + (Q - onehot) * labelled / labelled.sum()
     torch.testing.assert_close(logits.grad, expected, atol=1e-9, rtol=0)
     assert stats["p_seconds"] > 0
+
+
+def test_kept_sizes_reach_the_refinement_p_step_as_the_bit():
+    """``refine_sizes``: the stage's P-step takes ccnn-size's one-bit bounds (class 1 is under
+    the 10% threshold in image 0, so CCNN's rule makes it absent there), not the tags'."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=g).requires_grad_()
+    mask = torch.full((2, 4, 4), 255)  # no labelled pixel: the P-step's gradient alone
+    batch = {"tags": torch.tensor([[1, 1, 0], [1, 0, 1]]), "mask": mask,
+             "sizes": torch.tensor([[0.95, 0.05, 0.0], [0.7, 0.0, 0.3]])}
+    criterion = build_criterion("ccnn-size", 3, 0).refinement(keep_sizes=True)
+    criterion(logits, batch)[0].backward()
+    Q = torch.softmax(logits.detach(), 1)
+    bit = tag_bounds(batch["tags"], 3, large=batch["sizes"] >= 0.1)
+    P = solve_latent(logits.detach(), *bit).P
+    torch.testing.assert_close(logits.grad, (Q - P) / (2 * 16), atol=1e-9, rtol=0)
+    assert bit.upper[0, 1] == 0.0  # the bit made class 1 absent in image 0
+    tags_only = solve_latent(logits.detach(), *tag_bounds(batch["tags"], 3)).P
+    assert not torch.allclose(P, tags_only, atol=1e-3)
+
+
+def test_a_size_run_keeps_its_bit_in_the_refinement_stage(tmp_path):
+    cfg = TrainConfig(method="ccnn-size", epochs=1, refine_epochs=1, refine_sizes=True, **TINY)
+    summary = train(cfg, tmp_path, report=False, progress_bar=False, log=_quiet)
+    assert [r["stage"] for r in summary["history"]] == ["train", "refine"]
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["config"]
+    assert saved["refine_sizes"] is True
 
 
 def test_relabelled_dataset_swaps_the_masks_only():
@@ -182,6 +226,9 @@ def test_cli_sets_the_refinement_stage(tmp_path, capsys):
                                       "--refine-lr", "2e-4"])
     assert config_from_args(args).refine_epochs == 2
     assert config_from_args(args).refine_lr == 2e-4
+    assert config_from_args(args).refine_sizes is False
+    sizes = build_parser().parse_args(["train", "--method", "ccnn-size", "--refine-sizes"])
+    assert config_from_args(sizes).refine_sizes is True
     assert main(["train", "--method", "full", "--refine-epochs", "1",
                  "--out", str(tmp_path / "f")]) == 2
     assert "full trains on the masks" in capsys.readouterr().err

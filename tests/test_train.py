@@ -142,6 +142,10 @@ def test_each_method_builds_its_own_bounds_and_the_refinement_stage_uses_tags_on
         refined = criterion.refinement().bounds(_batch())
         assert refined.lower.tolist() == [[0.3, 0.05, 0.05, 0.0]]  # the tags' bounds
         assert refined.upper.tolist() == [[0.7, 1.0, 1.0, 0.0]]
+        # refine_sizes: the method's own bounds (the hand-written ones above), sizes included
+        kept = criterion.refinement(keep_sizes=True).bounds(_batch())
+        torch.testing.assert_close(kept.lower, torch.tensor([lower], dtype=torch.float64))
+        torch.testing.assert_close(kept.upper, torch.tensor([upper], dtype=torch.float64))
 
 
 def test_the_size_bit_criterion_sees_one_bit_per_class():
