@@ -271,10 +271,10 @@ def _add_pose(sub: argparse._SubParsersAction) -> None:
         description="The experiment of Márquez-Neila, Salzmann and Fua (2017, §5): train the "
                     "Eq. 13 network without constraints, then fine-tune it under the six "
                     "left/right symmetry constraints by Soft-SGD, Soft-Adam, the Lagrangian, "
-                    "Hard-SGD, Hard-Adam, Hard-Gauss-Newton and the persistent-pool hard method; "
-                    "report mean joint error and constraint violation on the test split and "
-                    "draw Fig. 2a and 2b (docs/hard_experiments.md: about 4 minutes on two CPU "
-                    "cores).")
+                    "Hard-SGD, Hard-Adam, Hard-Gauss-Newton, the persistent-pool hard method and "
+                    "projected targets (the pool pulled toward symmetric poses); report mean "
+                    "joint error and constraint violation on the test split and draw Fig. 2a "
+                    "and 2b (docs/hard_experiments.md: 6-8 minutes on two CPU cores).")
     p.add_argument("--out", default="runs/pose", help="folder for the figure (default "
                                                       "runs/pose)")
     p.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")

@@ -22,7 +22,7 @@ from ccnn.pose.experiment import (
     train_unconstrained,
 )
 from ccnn.pose.model import PoseNet
-from ccnn.pose.skeleton import symmetry_residuals
+from ccnn.pose.skeleton import symmetrize, symmetry_residuals
 
 TINY = {"n_train": 48, "n_val": 16, "n_test": 16, "n_pool": 48, "heldout": 8, "batch_size": 16,
         "mined": 4, "candidates": 16, "budget": 8, "pretrain_epochs": 2, "iterations": 3,
@@ -127,6 +127,38 @@ def test_a_hard_step_meets_its_linearized_constraints(name: str, base: str) -> N
     _, J_dw = torch.func.jvp(residuals, (w,), (dw,))
     left = 0.75 * C if name == "hard-persistent" else torch.zeros_like(C)
     assert float((C + J_dw - left).norm()) < 1e-6 * float(C.norm())
+
+
+def test_a_projected_targets_step_is_the_damped_least_squares_step_toward_symmetric_poses():
+    """The step is ``dw = −(JᵀJ + ηI)⁻¹Jᵀr`` with ``r = (f(xc) − T)/√n``, T the symmetric poses
+    near the pooled outputs, written as a dense solve (J by jacrev, NumPy); it moves the pooled
+    outputs toward T."""
+    cfg = PoseConfig(**{**TINY, "rtol": 1e-13, "target_maxit": 2000, "target_damping": 1e-2})
+    data = load_data(cfg)
+    torch.manual_seed(2)
+    model = PoseNet(hidden=8, image_size=cfg.image_size).double()
+    xc = data["pool_x"][:3].double()
+    w = {k: v.detach().clone() for k, v in model.named_parameters()}
+    with torch.no_grad():
+        targets = symmetrize(model(xc))
+
+    def residuals(params: dict) -> torch.Tensor:
+        out = torch.func.functional_call(model, params, (xc,))
+        return (out - targets).reshape(-1) / targets.numel() ** 0.5
+
+    jac = torch.func.jacrev(residuals)(w)
+    J = np.concatenate([jac[k].reshape(len(targets.reshape(-1)), -1).numpy() for k in w], 1)
+    r = residuals(w).numpy()
+    expected = -np.linalg.solve(J.T @ J + 1e-2 * np.eye(J.shape[1]), J.T @ r)
+    _Method("projected-targets", model, cfg).step(data["train_x"][:4].double(),
+                                                  data["train_y"][:4].double(), xc,
+                                                  torch.arange(3))
+    dw = np.concatenate([(v.detach() - w[k]).reshape(-1).numpy()
+                         for k, v in model.named_parameters()])
+    np.testing.assert_allclose(dw, expected, rtol=1e-6, atol=1e-9 * np.abs(expected).max())
+    before = float(np.linalg.norm(r)) * targets.numel() ** 0.5  # ‖f(xc) − T‖ at the start
+    with torch.no_grad():
+        assert float((model(xc) - targets).norm()) < 0.9 * before
 
 
 @pytest.mark.parametrize(("changes", "message"), [

@@ -37,6 +37,7 @@ __all__ = [
     "constraints_met",
     "mean_joint_error",
     "median_constraint_violation",
+    "symmetrize",
     "symmetry_residuals",
 ]
 
@@ -157,6 +158,32 @@ def symmetry_residuals(y: Tensor, squared: bool = True, relative: bool = False) 
     if squared:
         return (left * left).sum(-1) - (right * right).sum(-1)
     return torch.linalg.vector_norm(left, dim=-1) - torch.linalg.vector_norm(right, dim=-1)
+
+
+def symmetrize(y: Tensor, *, steps: int = 10, tol: float = 1e-12) -> Tensor:
+    """A symmetric pose near each pose of ``y``: the six constraints of
+    :func:`symmetry_residuals` (squared form) driven to zero by minimum-norm Newton corrections,
+    ``y ← y − J⁺·C(y)`` with ``J = ∂C/∂y`` per pose, until ``max |C| ≤ tol`` or ``steps``.
+
+    Each correction is the smallest move of the joints that zeroes the linearized constraints,
+    so the result lies near ``y`` (not exactly the closest symmetric pose, which needs the
+    constraints' curvature too).  Computed in float64; returns ``y``'s shape and dtype.
+    """
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    joints = as_joints(y)
+    p = joints.reshape(joints.shape[0], -1).double()
+
+    def residual(pose: Tensor) -> Tensor:
+        return symmetry_residuals(pose[None])[0]
+
+    jacobian = torch.func.vmap(torch.func.jacrev(residual))
+    for _ in range(steps):
+        C = symmetry_residuals(p)
+        if not len(C) or float(C.abs().max()) <= tol:
+            break
+        p = p - (torch.linalg.pinv(jacobian(p)) @ C[..., None])[..., 0]
+    return p.to(y.dtype).reshape(y.shape)
 
 
 def mean_joint_error(pred: Tensor, true: Tensor) -> Tensor:
