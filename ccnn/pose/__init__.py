@@ -27,6 +27,7 @@ from ccnn.pose.skeleton import (
     constraints_met,
     mean_joint_error,
     median_constraint_violation,
+    symmetrize,
     symmetry_residuals,
 )
 
@@ -53,6 +54,7 @@ __all__ = [
     "random_backgrounds",
     "render_poses",
     "subject_bone_lengths",
+    "symmetrize",
     "symmetry_residuals",
     "synthetic_pose_splits",
 ]
