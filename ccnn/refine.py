@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 from ccnn.crf import CRFParams, crf_refine
 from ccnn.engine import eval_loader, predict_logits
 
-__all__ = ["RelabelledDataset", "allowed_classes", "label_images", "load_labels", "pseudo_labels",
+__all__ = ["RelabelledDataset", "label_images", "load_labels", "pseudo_labels",
            "restrict_to_tags"]
 
 _CRF = CRFParams()  # the test-time CRF's parameters
@@ -40,22 +40,22 @@ _CRF = CRFParams()  # the test-time CRF's parameters
 _SUPPRESSED = -1e4
 
 
-def allowed_classes(tags: Tensor, background: int | None) -> Tensor:
-    """``(B, L)`` bool: the classes tagged in ``tags`` ``(B, L)``, and ``background``."""
-    allowed = tags > 0
+def _allowed(scores: Tensor, tags: Tensor, background: int | None) -> Tensor:
+    """``(B, L)`` bool on ``scores``' device: the classes tagged in ``tags`` ``(B, L)``, and
+    ``background``; raises ``ValueError`` when ``tags`` does not fit ``scores``."""
+    if tags.shape != scores.shape[:2]:
+        raise ValueError(f"tags have shape {tuple(tags.shape)}, expected {tuple(scores.shape[:2])}")
+    allowed = tags > 0  # a new tensor: the caller's tags stay as they are
     if background is not None:
-        allowed = allowed.clone()
         allowed[:, background] = True
-    return allowed
+    return allowed.to(scores.device)
 
 
 def restrict_to_tags(scores: Tensor, tags: Tensor, background: int | None) -> Tensor:
     """``scores`` ``(B, L, H, W)`` with every class neither tagged in ``tags`` ``(B, L)`` nor
     ``background`` set to a score no class can lose to: CCNN's suppression constraint
     (P(l) = 0 for absent classes) applied exactly."""
-    if tags.shape != scores.shape[:2]:
-        raise ValueError(f"tags have shape {tuple(tags.shape)}, expected {tuple(scores.shape[:2])}")
-    allowed = allowed_classes(tags, background).to(scores.device)
+    allowed = _allowed(scores, tags, background)
     return scores.masked_fill(~allowed[:, :, None, None], _SUPPRESSED)
 
 
@@ -73,10 +73,9 @@ def pseudo_labels(scores: Tensor, images: Tensor, tags: Tensor, background: int 
     if scores.shape[1] > 255:
         raise ValueError(f"pseudo_labels stores uint8 labels: at most 255 classes, "
                          f"got {scores.shape[1]}")
-    restricted = restrict_to_tags(scores, tags, background)
     if crf is None:
-        return restricted.argmax(1).to(torch.uint8)
-    return _crf_labels(scores, images, allowed_classes(tags, background).to(scores.device), crf)
+        return restrict_to_tags(scores, tags, background).argmax(1).to(torch.uint8)
+    return _crf_labels(scores, images, _allowed(scores, tags, background), crf)
 
 
 def _crf_labels(scores: Tensor, images: Tensor, allowed: Tensor, crf: CRFParams) -> Tensor:

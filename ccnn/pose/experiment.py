@@ -42,6 +42,7 @@ from ccnn.hard import (
     HardGaussNewton,
     HardSGD,
     IndexedMultipliers,
+    KKTStep,
     MinedActive,
     PersistentActive,
     lagrangian,
@@ -321,11 +322,8 @@ class _Method:
                 result = self.optimizer.step(residuals, constraints, loss=loss)
             else:
                 result = self.optimizer.step(loss, constraints)
-            C = result.constraint_values.reshape(-1, 6)
-            return {"loss": result.loss_value, "active_violation": float(C.abs().median()),
-                    "multiplier_norm": float(result.multipliers.norm()),
-                    "solver_iterations": result.info.iterations,
-                    "solver_flag": int(result.info.flag)}
+            return {**_solver_stats(result, result.constraint_values),
+                    "multiplier_norm": float(result.multipliers.norm())}
         R = pose_loss(self.model(x), y)
         C = symmetry_residuals(self.model(xc), relative=cfg.relative)
         stats = {"loss": R.item(), "active_violation": float(C.detach().abs().median())}
@@ -342,7 +340,6 @@ class _Method:
             stats["multiplier_norm"] = info.multiplier_norm
         return stats
 
-
     def _target_step(self, x: Tensor, y: Tensor, xc: Tensor) -> dict:
         """Eq. 6 without constraint rows on ``r = (f(xc) − T)/√n``: the pooled outputs pulled
         toward ``T``, symmetric poses near them (fixed at the step's start)."""
@@ -353,9 +350,14 @@ class _Method:
         scale = math.sqrt(1.0 / targets.numel())
         result = self.optimizer.step(lambda net: (net(xc) - targets).reshape(-1) * scale,
                                      loss=lambda net: pose_loss(net(x), y))
-        return {"loss": result.loss_value, "active_violation": float(C.abs().median()),
-                "solver_iterations": result.info.iterations,
-                "solver_flag": int(result.info.flag)}
+        return _solver_stats(result, C)
+
+
+def _solver_stats(result: KKTStep, C: Tensor) -> dict:
+    """The statistics logged for a Gauss-Newton or KKT step: loss, median |C| of the active
+    samples before the step, and the solver's iterations and flag."""
+    return {"loss": result.loss_value, "active_violation": float(C.abs().median()),
+            "solver_iterations": result.info.iterations, "solver_flag": int(result.info.flag)}
 
 
 def _chooser(name: str, cfg: PoseConfig, generator: torch.Generator) -> ActiveSet:
