@@ -94,21 +94,29 @@ def test_jet_equals_nested_jvp_and_finite_differences():
 
 
 
-def _copies(net, groups, gen):
-    """The parameters of ``net`` by name: as they are (``groups == 1``) or ``groups`` perturbed
-    copies with a leading dimension (the per-group weights of the batched_params protocol)."""
+def _copies(net, groups, gen, tied=False):
+    """The parameters of ``net`` by name: as they are (``groups == 1``), ``groups`` perturbed
+    copies with a leading dimension (the per-group weights of the batched_params protocol), or
+    with ``tied`` ``groups`` copies that are one tensor expanded (stride 0, as Tanabe makes
+    them)."""
     if groups == 1:
         return dict(net.named_parameters())
+    if tied:
+        return {n: p.detach().unsqueeze(0).expand(groups, *p.shape).requires_grad_()
+                for n, p in net.named_parameters()}
     return {n: (p.detach().unsqueeze(0).expand(groups, *p.shape)
                 + 0.1 * torch.randn(groups, *p.shape, generator=gen, dtype=DT)).requires_grad_()
             for n, p in net.named_parameters()}
 
 
-@pytest.mark.parametrize(("groups", "rows"), [(1, 7), (6, 1), (3, 2), (2, 5)])
-def test_fused_jet_equals_autograd_jet_in_values_and_gradients(groups, rows):
+@pytest.mark.parametrize(("groups", "rows", "tied"),
+                         [(1, 7, False), (6, 1, False), (3, 2, False), (2, 5, False),
+                          (6, 1, True), (2, 5, True)])
+def test_fused_jet_equals_autograd_jet_in_values_and_gradients(groups, rows, tied):
     gen = torch.Generator().manual_seed(4)
     net = HelmholtzNet(width=5, depth=3, generator=gen, dtype=DT)
-    params = _copies(net, groups, gen)
+    params = _copies(net, groups, gen, tied)
+    assert all((p.stride(0) == 0) == tied for p in params.values()) or groups == 1
     z = (torch.rand(groups * rows, 4, generator=gen, dtype=DT) * 2 - 1).requires_grad_()
     leaves = [z, *params.values()]
     for used in ((1, 1, 1), (1, 0, 0), (0, 0, 1), (0, 1, 0)):
