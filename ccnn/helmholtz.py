@@ -732,7 +732,7 @@ def make_step(method: str, model: HelmholtzNet, opt: torch.optim.Optimizer, *,
     def constrained(z: Tensor, y: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
         opt.zero_grad(set_to_none=True)
         step = tanabe(fn, z, y, index=index if pool is not None else None)
-        step.loss.backward()
+        step.backward()  # what step.loss.backward() does, without the autograd engine
         opt.step()
         r = step.g if constraints > 1 else step.g[:, 0]
         return step.f, r

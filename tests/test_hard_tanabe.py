@@ -103,6 +103,64 @@ def test_loss_gradient_equals_autograd_of_explicit_nograd_expression():
     np.testing.assert_allclose(total, 3 * want, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("version", ["full", "reduction"])
+def test_step_backward_writes_what_loss_backward_writes(version):
+    """``TanabeStep.backward()`` (no autograd) adds the same ``∇L`` as ``loss.backward()``,
+    onto empty and onto existing gradients."""
+    model = _mlp(n_out=2)
+    x = torch.randn(5, 2, dtype=DT, generator=torch.Generator().manual_seed(3))
+    step = Tanabe(model, version=version)(_fn_two, x)
+    want = _grad_after_backward(model, step.loss)
+    model.zero_grad(set_to_none=True)
+    step.backward()
+    got = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).numpy()
+    np.testing.assert_array_equal(got, want)
+    step.backward()  # accumulates
+    got = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).numpy()
+    np.testing.assert_allclose(got, 2 * want, rtol=1e-15)
+    assert float(step.value) == float(step.loss.detach())
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+@pytest.mark.parametrize("batched_params", [False, True])
+def test_reduction_on_a_diverged_network_raises(bad, batched_params):
+    """The scalar multiplier's path shows ``∇L`` finite from the Gram matrix instead of a pass
+    over it; a nan or inf weight must still raise, not write nan gradients."""
+    gen = torch.Generator().manual_seed(5)
+    net = HelmholtzNet(width=3, depth=2, generator=gen, dtype=DT)
+    z = torch.rand(4, 4, dtype=DT, generator=gen) * 2 - 1
+    y = torch.rand(4, dtype=DT, generator=gen)
+    with torch.no_grad():
+        net.lower[1].weight[0, 0] = bad
+    tanabe = Tanabe(net, version="reduction", reduction="huber", batched_params=batched_params)
+    with pytest.raises(RuntimeError, match="non-finite"):
+        tanabe(_helmholtz_fn(1), z, y)
+
+
+def test_changes_to_the_models_parameters_between_calls_are_noticed():
+    """Freezing, unfreezing, adding and replacing parameters between calls: every call uses the
+    model's parameters of that moment, as a fresh Tanabe does."""
+    model = _mlp(n_out=2)
+    x = torch.randn(5, 2, dtype=DT, generator=torch.Generator().manual_seed(4))
+    tanabe = Tanabe(model, version="reduction", reduction="huber")
+
+    def check(n_params):
+        got, want = tanabe(_fn_two, x), Tanabe(model, version="reduction",
+                                                reduction="huber")(_fn_two, x)
+        assert got.grad.numel() == n_params
+        np.testing.assert_allclose(got.grad.numpy(), want.grad.numpy(), rtol=1e-12)
+
+    check(2 * 6 + 6 + 6 * 2 + 2)
+    model[0].bias.requires_grad_(False)
+    check(2 * 6 + 6 * 2 + 2)
+    model[0].bias.requires_grad_(True)
+    check(2 * 6 + 6 + 6 * 2 + 2)
+    model[2].register_parameter("extra", nn.Parameter(torch.zeros(3, dtype=DT)))
+    check(2 * 6 + 6 + 6 * 2 + 2 + 3)  # not used by fn: a zero gradient, but a parameter
+    model[2] = nn.Linear(6, 2).to(DT)
+    check(2 * 6 + 6 + 6 * 2 + 2)
+
+
 def test_sample_coupling_is_eq5_per_sample_systems():
     model = _mlp(n_out=2)
     x = torch.randn(3, 2, dtype=DT, generator=torch.Generator().manual_seed(3))
