@@ -311,6 +311,77 @@ class _Carrier(torch.autograd.Function):
         return (None, None, *torch._foreach_mul(ctx.grads, grad_out))
 
 
+Piece = tuple[tuple[int, ...], tuple[int, ...], int]  # shape, contiguous strides, offset
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """The model's parameters as a :class:`Tanabe` call uses them, derived in one walk of its
+    modules and valid while :meth:`current` holds.
+
+    ``names``, ``params``: the parameters that require grad (first name of a tied one);
+    ``slots``: each one's ``(module._parameters, attribute)`` for :meth:`Tanabe._swapped_net`,
+    None when a parameter is registered under several names (tied weights); ``pieces``: each
+    one's ``(shape, contiguous strides, offset)`` in the flat gradient (``as_strided`` views
+    cost a third of ``split`` + ``view``); ``dtype``: the parameters' common dtype, None if
+    they differ; ``watched`` and ``sizes``: what :meth:`current` checks."""
+
+    names: list[str]
+    params: list[Tensor]
+    slots: list[tuple[dict[str, Any], str]] | None
+    pieces: list[Piece]
+    dtype: torch.dtype | None
+    watched: list[tuple[dict[str, Any], str, Any, bool | None]]
+    sizes: list[tuple[dict[str, Any], int]]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> _Layout:
+        watched: list[tuple[dict[str, Any], str, Any, bool | None]] = []
+        sizes: list[tuple[dict[str, Any], int]] = []
+        slots: list[tuple[dict[str, Any], str]] = []
+        names: list[str] = []
+        params: list[Tensor] = []
+        seen: set[int] = set()
+        tied = False
+        # the order and first names of named_parameters()
+        for prefix, module in model.named_modules(remove_duplicate=False):
+            sizes += [(module._parameters, len(module._parameters)),
+                      (module._modules, len(module._modules))]
+            watched += [(module._modules, a, child, None) for a, child in module._modules.items()]
+            for attr, p in module._parameters.items():
+                if p is None:
+                    continue
+                watched.append((module._parameters, attr, p, p.requires_grad))
+                if id(p) in seen:
+                    tied = True
+                    continue
+                seen.add(id(p))
+                if p.requires_grad:
+                    names.append(f"{prefix}.{attr}" if prefix else attr)
+                    params.append(p)
+                    slots.append((module._parameters, attr))
+        if not params:
+            raise ValueError("model has no parameters that require grad")
+        pieces, offset = [], 0
+        for p in params:
+            shape = tuple(p.shape)
+            stride = [1] * len(shape)
+            for k in range(len(shape) - 2, -1, -1):
+                stride[k] = stride[k + 1] * shape[k + 1]
+            pieces.append((shape, tuple(stride), offset))
+            offset += p.numel()
+        dtypes = {p.dtype for p in params}
+        return cls(names, params, None if tied else slots, pieces,
+                   params[0].dtype if len(dtypes) == 1 else None, watched, sizes)
+
+    def current(self) -> bool:
+        """No parameter or submodule added, removed or replaced, no ``requires_grad`` changed
+        (a few microseconds; walking the modules every step cost ~30 µs of a ~2 ms step)."""
+        return (all(len(table) == n for table, n in self.sizes)
+                and all(table.get(attr) is x and (flag is None or x.requires_grad == flag)
+                        for table, attr, x, flag in self.watched))
+
+
 @dataclass(frozen=True)
 class TanabeStep:
     """What one :class:`Tanabe` evaluation returns.
@@ -498,8 +569,7 @@ class Tanabe:
         self._pool: Tensor | None = None  # Λ per pool sample, (pool_size, M)
         self._rows: int | None = None  # 1 + M of the last batched call
         self._copy_cache: tuple[int, list[Tensor], list[int], list[Tensor]] | None = None
-        self._param_cache: tuple[list[Any], list[str], list[Tensor], Any, Any] | None = None
-        self._piece_cache: tuple[list[Tensor], list[Any], torch.dtype | None] | None = None
+        self._layout: _Layout | None = None  # the parameters as of the last call
 
     # ---- state --------------------------------------------------------------------------------
 
@@ -520,38 +590,11 @@ class Tanabe:
     # ---- the step -----------------------------------------------------------------------------
 
     def _params(self) -> tuple[list[str], list[Tensor]]:
-        """The names and tensors of the parameters that require grad, and each one's slot
-        ``(module._parameters, attribute)`` for :meth:`_swapped_net` (None when a parameter is
-        registered under several names, tied weights).
-
-        Read from the model once and again whenever its structure changes: a parameter or a
-        submodule added, removed or replaced, or a ``requires_grad`` flag changed. Checking
-        the modules' tables costs a few microseconds; walking the modules every step cost
-        ~30 µs of a ~2 ms step."""
-        cached = self._param_cache
-        if (cached is not None and all(len(table) == n for table, n in cached[4])
-                and all(table.get(attr) is x and (flag is None or x.requires_grad == flag)
-                        for table, attr, x, flag in cached[0])):
-            return cached[1], cached[2]
-        modules = list(self.model.modules())
-        sizes = [(t, len(t)) for m in modules for t in (m._parameters, m._modules)]
-        entries: list[tuple[dict[str, Any], str, Any, bool | None]] = [
-            (m._modules, attr, child, None) for m in modules for attr, child in m._modules.items()]
-        every = list(self.model.named_parameters(remove_duplicate=False))
-        slots = {}
-        for name, p in every:
-            prefix, _, attr = name.rpartition(".")
-            module = self.model.get_submodule(prefix) if prefix else self.model
-            entries.append((module._parameters, attr, p, p.requires_grad))
-            slots[name] = (module._parameters, attr)
-        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        if not named:
-            raise ValueError("model has no parameters that require grad")
-        names, params = [n for n, _ in named], [p for _, p in named]
-        tied = len({id(p) for _, p in every}) != len(every)
-        self._param_cache = (entries, names, params,
-                             None if tied else [slots[n] for n in names], sizes)
-        return names, params
+        """The names and tensors of the parameters that require grad, read from the model once
+        and again whenever its structure changes (:class:`_Layout`)."""
+        if self._layout is None or not self._layout.current():
+            self._layout = _Layout.of(self.model)
+        return self._layout.names, self._layout.params
 
     def __call__(self, fn: StepFn, *batch: Tensor, index: Tensor | None = None) -> TanabeStep:
         """Evaluate ``fn`` on ``batch``, solve for the multipliers, return the loss and stats.
@@ -680,8 +723,8 @@ class Tanabe:
         The same as :func:`torch.func.functional_call` (used where a parameter is shared by
         several modules), by swapping the entries of the modules' parameter tables directly,
         which costs a fraction of functional_call's bookkeeping on small models."""
-        assert self._param_cache is not None and self._param_cache[1] is names
-        slots = self._param_cache[3]
+        assert self._layout is not None and self._layout.names is names
+        slots = self._layout.slots
         if slots is None:
             return self._net(dict(zip(names, tensors, strict=True)))
         model = self.model
@@ -902,8 +945,7 @@ class Tanabe:
                     per = (blocks.square() if self.reduction == "mse"
                            else huber(blocks, self.huber_delta)).mean(1)  # (rows, M)
                     m, gt = per.shape[1], per[0]
-                    total_g = (per[1, 0] if m == 1 == rows - 1  # one constraint: one node
-                               else per[1:].diagonal().sum() if m == rows - 1 else None)
+                    total_g = per[1:].diagonal().sum() if m == rows - 1 else None
                 if m + 1 != rows:
                     self._rows = None  # the number of constraints changed: probe again
                     if attempt:
@@ -952,31 +994,12 @@ class Tanabe:
         finite (``finite``) and is handed to each parameter as a view of its piece."""
         if not finite and not bool(torch.isfinite(d).all()):
             raise RuntimeError("the Tanabe gradient is non-finite (inf or nan)")
-        pieces, dtype = self._pieces(params)
-        flat = d if dtype is None else d.to(dtype)  # one conversion where all dtypes agree
+        layout = self._layout
+        assert layout is not None and layout.params is params
+        flat = d if layout.dtype is None else d.to(layout.dtype)  # one conversion, not one each
         grads = tuple(flat.as_strided(shape, stride, offset) if flat.dtype == p.dtype
                       else flat[offset:offset + p.numel()].view(shape).to(p)
-                      for p, (shape, stride, offset) in zip(params, pieces, strict=True))
+                      for p, (shape, stride, offset) in zip(params, layout.pieces, strict=True))
         return TanabeStep(value=value.detach(), f=fbar, g=g, reduced=reduced, lam=lam.detach(),
                           info=info, grad=d.detach(), shard=shard, params=tuple(params),
                           param_grads=grads)
-
-    def _pieces(self, params: list[Tensor]
-                ) -> tuple[list[tuple[tuple[int, ...], tuple[int, ...], int]], torch.dtype | None]:
-        """``(shape, contiguous strides, offset)`` of each parameter's piece of the flat
-        gradient (``as_strided`` views cost a third of ``split`` + ``view``) and the
-        parameters' common dtype (None if they differ), cached per parameter list."""
-        cached = self._piece_cache
-        if cached is None or cached[0] is not params:
-            pieces, offset = [], 0
-            for p in params:
-                shape = tuple(p.shape)
-                stride = [1] * len(shape)
-                for k in range(len(shape) - 2, -1, -1):
-                    stride[k] = stride[k + 1] * shape[k + 1]
-                pieces.append((shape, tuple(stride), offset))
-                offset += p.numel()
-            dtypes = {p.dtype for p in params}
-            self._piece_cache = cached = (params, pieces,
-                                          params[0].dtype if len(dtypes) == 1 else None)
-        return cached[1], cached[2]
