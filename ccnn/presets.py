@@ -160,7 +160,9 @@ def estimate_bounds(sizes: list[list[float]], background: int | None = 0) -> dic
     * ``ccnn-size`` (one bit per tagged class): ``size_threshold`` = median of ``F`` (the bit
       splits the objects in halves), ``size_fg_lower`` = the same (a large class covers at
       least the threshold: what the bit says), ``small_rule="at-most"`` (a small one at most
-      the threshold), ``size_bg_lower`` and ``size_bg_upper`` as the background's bounds.
+      the threshold), ``size_bg_lower`` and ``size_bg_upper`` as the background's bounds, and
+      ``ccnn``'s constants too: its refinement stage uses the tags alone
+      (:meth:`ccnn.criteria.Criterion.refinement`), which would otherwise keep the preset's.
 
     Returns ``{"images", "statistics": {...}, "ccnn": {...}, "ccnn-size": {...}}``, the
     constants rounded to two decimals (``tag_bounds``'s keyword arguments).  Without a
@@ -189,7 +191,8 @@ def estimate_bounds(sizes: list[list[float]], background: int | None = 0) -> dic
                      background_q90=_quantile(shares, 0.9))
         tags.update(bg_lower=low, bg_upper=high)
         size_bit.update(size_bg_lower=low, size_bg_upper=high)
-    return {"images": len(sizes), "statistics": stats, "ccnn": tags, "ccnn-size": size_bit}
+    return {"images": len(sizes), "statistics": stats, "ccnn": tags,
+            "ccnn-size": {**size_bit, **tags}}
 
 
 def bound_options(constants: dict) -> str:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ccnn.criteria import METHODS, WEAK_METHODS
+from ccnn.criteria import CRITERIA, METHODS, WEAK_METHODS
 from ccnn.data.voc import VOC_CLASSES, VOCDataset, voc_palette
 from ccnn.data.voc_like import CLASS_INDEX, VARIANTS, generate_image, split_ids, write_voc_like
 from ccnn.presets import (
@@ -172,9 +172,11 @@ def test_estimate_bounds_by_hand():
     # objects 0.3, 0.1, 0.4, 0.1: median 0.2; background of images with objects 0.7, 0.5, 0.9:
     # 10% quantile 0.5 + 0.2·(0.7 − 0.5) = 0.54, 90% quantile 0.7 + 0.8·(0.9 − 0.7) = 0.86
     assert result["ccnn"] == {"fg_lower": 0.2, "bg_lower": 0.54, "bg_upper": 0.86}
+    # ccnn-size also carries ccnn's constants, for its refinement stage (tags alone)
     assert result["ccnn-size"] == {"size_threshold": 0.2, "size_fg_lower": 0.2,
                                    "small_rule": "at-most", "size_bg_lower": 0.54,
-                                   "size_bg_upper": 0.86}
+                                   "size_bg_upper": 0.86, "fg_lower": 0.2, "bg_lower": 0.54,
+                                   "bg_upper": 0.86}
     assert result["images"] == 4 and result["statistics"]["objects"] == 4
     # without a background every class is an object: median of 0.1 0.1 0.3 0.4 0.5 0.7 0.9 1
     assert estimate_bounds(sizes, background=None)["ccnn"] == {"fg_lower": 0.45}
@@ -184,6 +186,21 @@ def test_estimate_bounds_by_hand():
         estimate_bounds([[0.5, 0.5]] * (MAX_ESTIMATE_MASKS + 1))
     with pytest.raises(ValueError, match="no image shows an object"):
         estimate_bounds([[1.0, 0.0]])
+
+
+def test_estimated_constants_reach_the_size_methods_refinement_stage():
+    # the refinement stage of ccnn-size uses the tags alone: with the estimated constants its
+    # bounds must be ccnn's estimated ones, not the preset's 20% floor and 80% background cap
+    sizes = [[0.95, 0.05, 0.0], [0.9, 0.04, 0.06], [0.97, 0.0, 0.03]]
+    est = estimate_bounds(sizes, background=0)
+    tags = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 1]], dtype=torch.bool)
+    refined = CRITERIA["ccnn-size"](3, 0, bounds=est["ccnn-size"]).refinement().bounds(
+        {"tags": tags})
+    tag_only = CRITERIA["ccnn"](3, 0, bounds=est["ccnn"]).bounds({"tags": tags})
+    for a, b in zip(refined, tag_only, strict=True):
+        assert torch.equal(a, b)
+    assert float(tag_only.upper[0, 0]) == est["ccnn"]["bg_upper"] == 0.97
+    assert float(tag_only.lower[0, 1]) == est["ccnn"]["fg_lower"] == 0.04
 
 
 def test_estimate_bounds_command_reads_the_first_val_masks(voc_like, capsys):
