@@ -190,7 +190,8 @@ def test_estimate_bounds_by_hand():
 
 def test_estimated_constants_reach_the_size_methods_refinement_stage():
     # the refinement stage of ccnn-size uses the tags alone: with the estimated constants its
-    # bounds must be ccnn's estimated ones, not the preset's 20% floor and 80% background cap
+    # bounds must be ccnn's estimated ones, not the defaults it would otherwise keep (the
+    # preset's 20% floor and 80% background cap in a run, CCNN's constants here)
     sizes = [[0.95, 0.05, 0.0], [0.9, 0.04, 0.06], [0.97, 0.0, 0.03]]
     est = estimate_bounds(sizes, background=0)
     tags = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 1]], dtype=torch.bool)
