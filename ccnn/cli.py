@@ -164,11 +164,12 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated methods (default full,mil,ccnn,ccnn-size; also "
                         "ccnn-size-exact)")
     p.add_argument("--epochs", type=int, help="override the preset's epochs")
-    p.add_argument("--jobs", type=int, default=2,
+    p.add_argument("--jobs", type=int, default=4,
                    help="methods trained at once, each in a process of its own on one thread "
-                        "(default 2; 1: one after another in this process, on torch's threads). "
-                        "The numbers depend on the thread count, so a table is reproduced with "
-                        "the same --jobs")
+                        "(default 4: the four methods take unequal times, and four at once keep "
+                        "two cores busy to the end; 1: one after another in this process, on "
+                        "torch's threads). Every --jobs of 2 or more gives the same numbers "
+                        "(one thread per method); 1 gives others")
     p.add_argument("--train-size", type=int, help="training images (default 1000)")
     p.add_argument("--val-size", type=int, help="validation images (default 200)")
     p.add_argument("--test-size", type=int, help="test images, the table's (default 200)")
