@@ -194,6 +194,19 @@ def test_gauss_newton_matches_dense_eq6(problem: Problem) -> None:
     assert step.loss_value == pytest.approx(0.5 * float(r @ r), rel=1e-14)
 
 
+def adam_diagonal_reference(
+    problem: Problem, eta: float, m: np.ndarray, v: np.ndarray, t: int, correction: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Eq. 10-11's new moments and the diagonal of Eq. 12's top-left block, by hand."""
+    g = grad(problem)
+    m = BETAS[0] * m + (1 - BETAS[0]) * g
+    v = BETAS[1] * v + (1 - BETAS[1]) * g**2
+    f = math.sqrt(1 - BETAS[1] ** (t + 1)) / (1 - BETAS[0] ** (t + 1))
+    if correction == "eq12":
+        return m, v, eta * f * (np.sqrt(v) + EPS)
+    return m, v, eta / f * (np.sqrt(v) + EPS * math.sqrt(1 - BETAS[1] ** (t + 1)))
+
+
 def adam_reference(
     problem: Problem,
     eta: float,
@@ -205,14 +218,7 @@ def adam_reference(
 ):
     """Eq. 10-12 by hand: new moments and the dense KKT solve with the chosen top-left block."""
     constraints = constraints or problem.constraints
-    g = grad(problem)
-    m = BETAS[0] * m + (1 - BETAS[0]) * g
-    v = BETAS[1] * v + (1 - BETAS[1]) * g**2
-    f = math.sqrt(1 - BETAS[1] ** (t + 1)) / (1 - BETAS[0] ** (t + 1))
-    if correction == "eq12":
-        d = eta * f * (np.sqrt(v) + EPS)
-    else:
-        d = eta / f * (np.sqrt(v) + EPS * math.sqrt(1 - BETAS[1] ** (t + 1)))
+    m, v, d = adam_diagonal_reference(problem, eta, m, v, t, correction)
     J = jacobian(constraints, problem.params)
     c = constraints(problem.params).reshape(-1).numpy()
     dw, lam = dense_kkt(np.diag(d), J, m, c)
@@ -243,6 +249,32 @@ def test_adam_matches_dense_eq12(problem: Problem, system: str, correction: str)
         assert state["t"] == t + 1
         assert relerr(_flatten(state["m"]), m) < 1e-14
         assert relerr(_flatten(state["v"]), v) < 1e-14
+        problem.params = {k: p + step.delta[k] for k, p in problem.params.items()}
+
+
+@pytest.mark.parametrize("correction", ["eq12", "adam"])
+@pytest.mark.parametrize("system", ["full", "reduced"])
+def test_adam_euclidean_metric_is_the_nearest_feasible_step(
+    problem: Problem, system: str, correction: str
+) -> None:
+    """metric="euclidean": the step nearest (in the 2-norm) to Adam's unconstrained step
+    s = −D⁻¹m among those meeting the share α of the linearized constraints,
+    dw = s − J⁺(J·s + α·C), with Λ = η·(JJᵀ)⁺(J·s + α·C); three steps at moving points."""
+    eta, alpha, state = 20.0, 0.6, {}
+    n = sum(p.numel() for p in problem.params.values())
+    m, v = np.zeros(n), np.zeros(n)
+    for t in range(3):
+        m, v, d = adam_diagonal_reference(problem, eta, m, v, t, correction)
+        s = -m / d
+        J = jacobian(problem.constraints, problem.params)
+        c = problem.constraints(problem.params).reshape(-1).numpy()
+        dw = s - np.linalg.pinv(J) @ (J @ s + alpha * c)
+        lam = eta * np.linalg.pinv(J @ J.T) @ (J @ s + alpha * c)
+        step = kkt_step(problem.params, problem.loss, problem.constraints, eta=eta,
+                        method="adam", state=state, system=system, rtol=1e-12,
+                        bias_correction=correction, metric="euclidean", correction=alpha)
+        assert_step(step, dw, lam)
+        assert relerr(_flatten(state["m"]), m) < 1e-14
         problem.params = {k: p + step.delta[k] for k, p in problem.params.items()}
 
 
@@ -595,6 +627,10 @@ def test_errors() -> None:
         kkt_step(p, L, C, eta=1.0, method="adam", state={}, eps=0.0)
     with pytest.raises(ValueError, match="bias_correction must be one of"):
         kkt_step(p, L, C, eta=1.0, method="adam", state={}, bias_correction="kingma")
+    with pytest.raises(ValueError, match="metric must be one of"):
+        kkt_step(p, L, C, eta=1.0, method="adam", state={}, metric="riemannian")
+    with pytest.raises(ValueError, match="metric='euclidean' is an option of method='adam'"):
+        kkt_step(p, L, C, eta=1.0, metric="euclidean")
     with pytest.raises(ValueError, match=r"state\['t'\] must be a non-negative int"):
         kkt_step(p, L, C, eta=1.0, method="adam", state={"t": -1})
     with pytest.raises(ValueError, match=r"state\['m'\] must have the keys of params"):

@@ -66,14 +66,16 @@ def at_params(model: nn.Module, fn):
 
 @pytest.mark.parametrize("block", [{}, {"correction": 0.5, "regularization": 0.1}])
 @pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("kind", ["sgd", "adam", "gauss-newton"])
+@pytest.mark.parametrize("kind", ["sgd", "adam", "adam-euclidean", "gauss-newton"])
 def test_step_applies_kkt_step_delta(kind: str, seed: int, block: dict) -> None:
     """Two steps each: the parameters move by kkt_step's delta at the same point (and Adam's
-    state carries over as kkt_step's state dict does); correction and regularization reach
-    kkt_step."""
+    state carries over as kkt_step's state dict does); correction, regularization and Adam's
+    metric reach kkt_step."""
     model = mlp(seed)
     loss, residuals, constraints = problem_fns(*data(seed))
     L, R, C = (at_params(model, f) for f in (loss, residuals, constraints))
+    if kind == "adam-euclidean":
+        kind, block = "adam", {**block, "metric": "euclidean"}
     if kind == "sgd":
         opt = HardSGD(model, lr=0.05, rtol=1e-10, **block)
     elif kind == "adam":
@@ -98,13 +100,16 @@ def test_step_applies_kkt_step_delta(kind: str, seed: int, block: dict) -> None:
         assert result.loss_value == ref.loss_value
 
 
-def test_hard_adam_without_constraints_is_torch_adam() -> None:
+@pytest.mark.parametrize("metric", ["diagonal", "euclidean"])
+def test_hard_adam_without_constraints_is_torch_adam(metric: str) -> None:
     """bias_correction="adam", no constraints (None, an empty residual tensor, then C ≡ 0 with
-    J ≡ 0): the same iterates as torch.optim.Adam with the same lr, betas and eps, six steps."""
+    J ≡ 0): the same iterates as torch.optim.Adam with the same lr, betas and eps, six steps,
+    in either metric."""
     model = mlp(2)
     twin = copy.deepcopy(model)
     x, y, _ = data(2)
-    opt = HardAdam(model, lr=0.03, betas=(0.8, 0.99), eps=1e-6, bias_correction="adam")
+    opt = HardAdam(model, lr=0.03, betas=(0.8, 0.99), eps=1e-6, bias_correction="adam",
+                   metric=metric)
     adam = torch.optim.Adam(twin.parameters(), lr=0.03, betas=(0.8, 0.99), eps=1e-6)
     no_rows = [None, None, lambda net: net(x)[:, :0], lambda net: net(x)[:, :0]]
     zero_rows = [lambda net: 0.0 * net(x)[:, 0]] * 2  # 6 rows, C ≡ 0 and J ≡ 0
@@ -283,6 +288,8 @@ def test_hyper_parameter_errors() -> None:
         HardAdam(model, eps=0.0)
     with pytest.raises(ValueError, match="Invalid bias_correction"):
         HardAdam(model, bias_correction="kingma")
+    with pytest.raises(ValueError, match="Invalid metric"):
+        HardAdam(model, metric="riemannian")
     with pytest.raises(ValueError, match=re.escape("Invalid damping: 0.0")):
         HardGaussNewton(model, damping=0.0)
     with pytest.raises(ValueError, match="Invalid rtol"):

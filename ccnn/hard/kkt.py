@@ -15,7 +15,9 @@ with, per ``method``:
 * ``"sgd"`` (Eq. 5): ``D = ηI``, ``g = ∂R/∂w``;
 * ``"gauss-newton"`` (Eq. 6): ``D = JᵣᵀJᵣ + ηI``, ``g = Jᵣᵀr`` for ``R = ½‖r‖²``;
 * ``"adam"`` (Eq. 10-12): ``D = η·f·diag(√v + ε)``, ``g = m`` (see :func:`kkt_step` for the
-  ``bias_correction`` option).
+  ``bias_correction`` option); with ``metric="euclidean"``, ``D = ηI`` and ``g = η·D_A⁻¹m``
+  (``D_A`` Adam's diagonal), so that Adam's unconstrained step is projected onto the linearized
+  constraints in the Euclidean metric of Eq. 5.
 
 Every product with ``J``, ``Jᵀ``, ``Jᵣ``, ``Jᵣᵀ`` is a forward-mode (R-op, Eq. 7) or reverse-mode
 (L-op, Eq. 8) derivative through :mod:`torch.func`; no Jacobian is formed. The system is solved
@@ -49,6 +51,7 @@ System = Literal["auto", "full", "reduced"]
 _METHODS = ("sgd", "gauss-newton", "adam")
 _SYSTEMS = ("auto", "full", "reduced")
 _CORRECTIONS = ("eq12", "adam")
+_METRICS = ("diagonal", "euclidean")
 
 
 @dataclass(frozen=True)
@@ -343,6 +346,7 @@ def _check_scalars(
     betas: tuple[float, float],
     eps: float,
     bias_correction: str,
+    metric: str,
 ) -> None:
     """One ValueError per bad hyper-parameter, naming it and its value."""
     if method not in _METHODS:
@@ -373,6 +377,10 @@ def _check_scalars(
             raise ValueError(
                 f"bias_correction must be one of {_CORRECTIONS}, got {bias_correction!r}"
             )
+    if metric not in _METRICS:
+        raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
+    if metric != "diagonal" and method != "adam":
+        raise ValueError(f"metric={metric!r} is an option of method='adam', got method={method!r}")
 
 
 def _active_rows(c: Tensor, inequality: bool | Tensor) -> Tensor:
@@ -593,6 +601,7 @@ def kkt_step(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     bias_correction: Literal["eq12", "adam"] = "eq12",
+    metric: Literal["diagonal", "euclidean"] = "diagonal",
     correction: float = 1.0,
     regularization: float = 0.0,
     process_group: Any = None,
@@ -620,6 +629,14 @@ def kkt_step(
     divided by ``f²`` (Adam's bias correction *multiplies* the step by ``f``). The ``"adam"``
     option divides by ``f`` instead; its unconstrained step equals ``torch.optim.Adam``'s with
     learning rate ``1/η``.
+
+    ``metric="euclidean"`` (``"adam"`` only; not in the paper) keeps that diagonal ``D_A`` for the
+    data step alone: the system is Eq. 5's, ``D = ηI``, with ``g = η·D_A⁻¹m``, so ``dw`` is the
+    point nearest (in ‖·‖₂) to the unconstrained step ``s = −D_A⁻¹m`` that meets the linearized
+    constraints, ``dw = s − Jᵀ(JJᵀ)⁺(J·s + αC)``. Adam's per-weight scaling then shapes only the
+    descent, while the constraint correction is the minimum-norm one of Eq. 5 rather than one
+    concentrated in the weights whose gradient is small (docs/hard_experiments.md, seventh
+    round).
 
     Parameters
     ----------
@@ -657,6 +674,9 @@ def kkt_step(
         full for gauss-newton.
     betas, eps, bias_correction :
         Adam's hyper-parameters (``0 ≤ β < 1``, ``ε > 0``) and the choice of ``D`` above.
+    metric : {"diagonal", "euclidean"}
+        ``"adam"`` only: Adam's diagonal ``D`` in the system (Eq. 12, default), or Eq. 5's
+        ``ηI`` with Adam's step as the data direction (above).
     correction : float
         ``α`` in (0, 1]: the right-hand side is ``−α·C`` instead of ``−C``, so the step removes
         the share ``α`` of the linearized residual (the residual then decays like ``(1 − α)ᵏ``
@@ -704,7 +724,7 @@ def kkt_step(
     >>> step.delta["w"].tolist(), step.multipliers.tolist()
     ([0.5, 0.5], [-0.5])
     """
-    _check_scalars(eta, method, rtol, maxit, system, betas, eps, bias_correction)
+    _check_scalars(eta, method, rtol, maxit, system, betas, eps, bias_correction, metric)
     if not (0.0 < _real(correction) <= 1.0):
         raise ValueError(f"correction must be a number in (0, 1], got {correction!r}")
     if not (math.isfinite(_real(regularization)) and _real(regularization) >= 0):
@@ -759,6 +779,8 @@ def kkt_step(
             m, v, t = _adam_moments(grads, state, betas)
             g = _flatten(m)
             d = _adam_diagonal(_flatten(v), eta, t, betas, eps, bias_correction)
+            if metric == "euclidean":  # Adam's step −g/d, projected in Eq. 5's metric
+                g, d = g * (eta / d), eta
         else:
             g = _flatten(grads)
             d = eta  # D = ηI

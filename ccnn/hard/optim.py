@@ -222,7 +222,10 @@ class HardAdam(_HardOptimizer):
     ``f²`` (e.g. ``10×`` Adam's at the first step with the default betas), because Adam's bias
     correction multiplies the step by ``f``. With ``bias_correction="adam"``
     ``D = (η/f) diag(√v + ε√(1 − β₂^{t+1}))`` and the unconstrained step is exactly
-    ``torch.optim.Adam``'s with the same ``lr``. The state (``exp_avg`` = m, ``exp_avg_sq`` = v,
+    ``torch.optim.Adam``'s with the same ``lr``. With ``metric="euclidean"`` the diagonal shapes
+    the data step only: the step is the one nearest to that unconstrained step (in ‖·‖₂) that
+    meets the linearized constraints, Eq. 5's system with Adam's step as its gradient (not in
+    the paper; :func:`~ccnn.hard.kkt.kkt_step`). The state (``exp_avg`` = m, ``exp_avg_sq`` = v,
     ``step`` = t) lives in ``self.state[p]`` as in ``torch.optim.Adam``, so ``state_dict()`` and
     ``load_state_dict()`` resume exactly.
 
@@ -233,6 +236,7 @@ class HardAdam(_HardOptimizer):
         betas: ``(β₁, β₂)``, each in [0, 1) (default (0.9, 0.999)).
         eps: ``ε`` > 0 (default 1e-8).
         bias_correction: ``"eq12"`` (default) or ``"adam"``, as above.
+        metric: ``"diagonal"`` (default, Eq. 12) or ``"euclidean"``, as above.
         rtol: MINRES-QLP's relative tolerance (default 1e-6).
         maxit: MINRES-QLP's iteration limit (default None: 4× the system size).
         correction, regularization: ``α`` and ``μ`` of :func:`~ccnn.hard.kkt.kkt_step` (the
@@ -265,6 +269,7 @@ class HardAdam(_HardOptimizer):
         eps: float = 1e-8,
         *,
         bias_correction: Literal["eq12", "adam"] = "eq12",
+        metric: Literal["diagonal", "euclidean"] = "diagonal",
         rtol: float = 1e-6,
         maxit: int | None = None,
         correction: float = 1.0,
@@ -281,12 +286,15 @@ class HardAdam(_HardOptimizer):
             raise ValueError(
                 f"Invalid bias_correction (must be 'eq12' or 'adam'): {bias_correction!r}"
             )
+        if metric not in ("diagonal", "euclidean"):
+            raise ValueError(f"Invalid metric (must be 'diagonal' or 'euclidean'): {metric!r}")
         _check_solver(rtol, maxit, correction, regularization)
         defaults = {
             "lr": lr,
             "betas": tuple(betas),
             "eps": eps,
             "bias_correction": bias_correction,
+            "metric": metric,
             "rtol": rtol,
             "maxit": maxit,
             "correction": correction,
@@ -318,7 +326,8 @@ class HardAdam(_HardOptimizer):
         state = self._kkt_state()
         result = self._solve(loss, constraints, inequality, eta=1.0 / group["lr"],
                              method="adam", state=state, betas=group["betas"],
-                             eps=group["eps"], bias_correction=group["bias_correction"])
+                             eps=group["eps"], bias_correction=group["bias_correction"],
+                             metric=group.get("metric", "diagonal"))
         for name, p in self._named_params().items():
             self.state[p] = {
                 "step": state["t"],
