@@ -264,7 +264,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_pose(sub: argparse._SubParsersAction) -> None:
-    from ccnn.pose.experiment import METHODS, PoseConfig
+    from ccnn.pose.experiment import METHODS, PERSISTENT_BASES, PoseConfig
 
     d = PoseConfig()
     p = sub.add_parser(
@@ -275,7 +275,7 @@ def _add_pose(sub: argparse._SubParsersAction) -> None:
                     "Hard-SGD, Hard-Adam, Hard-Gauss-Newton, the persistent-pool hard method and "
                     "projected targets (the pool pulled toward symmetric poses); report mean "
                     "joint error and constraint violation on the test split and draw Fig. 2a "
-                    "and 2b (docs/hard_experiments.md: 6-8 minutes on two CPU cores).")
+                    "and 2b (docs/hard_experiments.md: 6-9 minutes on two CPU cores).")
     p.add_argument("--out", default="runs/pose", help="folder for the figure (default "
                                                       "runs/pose)")
     p.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
@@ -297,13 +297,14 @@ def _add_pose(sub: argparse._SubParsersAction) -> None:
                    help="share of the linearized violation each step of the persistent-pool "
                         f"method removes, in (0, 1] (default {d.persistent_correction:g}; 1 is "
                         "Eq. 5's full correction)")
-    p.add_argument("--persistent-base", choices=("sgd", "adam", "gn"),
+    p.add_argument("--persistent-base", choices=PERSISTENT_BASES,
                    default=d.persistent_base,
-                   help=f"the persistent method's step: Eq. 5, Eq. 10-12 or Gauss-Newton's Eq. 6 "
-                        f"(default {d.persistent_base})")
+                   help="the persistent method's step: Eq. 5, Eq. 10-12, Adam's step projected "
+                        "in Eq. 5's metric, or Gauss-Newton's Eq. 6 (default "
+                        f"{d.persistent_base})")
     p.add_argument("--persistent-maxit", type=int, default=d.persistent_maxit,
-                   help="MINRES-QLP iterations of the persistent method's Gauss-Newton solves "
-                        "(default: those of hard-gn)")
+                   help="MINRES-QLP iterations of the persistent method's solves, whatever its "
+                        f"base (default {d.persistent_maxit})")
     p.add_argument("--adam-bias-correction", choices=("eq12", "adam"),
                    default=d.adam_bias_correction,
                    help="Hard-Adam's D: Eq. 12 as printed, or Adam's own bias correction "

@@ -99,7 +99,7 @@ def test_unconstrained_model_is_the_best_validation_epoch() -> None:
 
 @pytest.mark.parametrize(("name", "base"), [
     ("hard-sgd", "sgd"), ("hard-adam", "sgd"), ("hard-gn", "sgd"), ("hard-persistent", "sgd"),
-    ("hard-persistent", "adam"), ("hard-persistent", "gn")])
+    ("hard-persistent", "adam"), ("hard-persistent", "adam-euclidean"), ("hard-persistent", "gn")])
 def test_a_hard_step_meets_its_linearized_constraints(name: str, base: str) -> None:
     """On the real network: after one KKT step the mined samples' linearized residuals
     ``C(w) + J·dw`` vanish (J·dw by forward-mode AD, independent of the solver's products);
@@ -127,6 +127,26 @@ def test_a_hard_step_meets_its_linearized_constraints(name: str, base: str) -> N
     _, J_dw = torch.func.jvp(residuals, (w,), (dw,))
     left = 0.75 * C if name == "hard-persistent" else torch.zeros_like(C)
     assert float((C + J_dw - left).norm()) < 1e-6 * float(C.norm())
+
+
+@pytest.mark.parametrize("base", ["sgd", "adam", "adam-euclidean"])
+def test_the_persistent_learning_rate_follows_its_base(base: str) -> None:
+    """Without an lr of its own hard-persistent takes its base's (Eq. 5's 1e-3, the Adam steps'
+    1e-4); a given one wins; persistent_maxit sets its solves' limit (None: the base's); the
+    Euclidean base is HardAdam with Adam's own bias correction."""
+    model = PoseNet(hidden=8, image_size=32)
+    defaults = {"sgd": 1e-3, "adam": 1e-4, "adam-euclidean": 1e-4}
+    for lr, expected in (({}, defaults[base]), ({"hard-persistent": 0.5}, 0.5)):
+        cfg = PoseConfig(**{**TINY, "persistent_base": base, "lr": {**PoseConfig().lr, **lr}})
+        group = _Method("hard-persistent", model, cfg).optimizer.param_groups[0]
+        assert group["lr"] == expected
+    assert group["maxit"] == 40  # persistent_maxit, whatever the base
+    cfg = PoseConfig(**{**TINY, "persistent_base": base, "persistent_maxit": None})
+    assert _Method("hard-persistent", model, cfg).optimizer.param_groups[0]["maxit"] == cfg.maxit
+    if base != "sgd":
+        euclidean = base == "adam-euclidean"
+        assert group["metric"] == ("euclidean" if euclidean else "diagonal")
+        assert group["bias_correction"] == ("adam" if euclidean else "eq12")
 
 
 def test_a_projected_targets_step_is_the_damped_least_squares_step_toward_symmetric_poses():
@@ -172,7 +192,7 @@ def test_a_projected_targets_step_is_the_damped_least_squares_step_toward_symmet
     ({"soft_lambda": float("nan")}, "soft_lambda must be a non-negative number"),
     ({"gn_batch": 17}, r"gn_batch \(17\) cannot exceed batch_size \(16\)"),
     ({"persistent_correction": 0.0}, r"persistent_correction must be in \(0, 1\]"),
-    ({"persistent_base": "lbfgs"}, "persistent_base must be 'sgd', 'adam' or 'gn'"),
+    ({"persistent_base": "lbfgs"}, "persistent_base must be one of sgd, adam, adam-euclidean, gn"),
     ({"persistent_maxit": 0}, "persistent_maxit must be None or a positive integer"),
     ({"adam_bias_correction": "none"}, "adam_bias_correction must be 'eq12' or 'adam'"),
 ])
