@@ -126,11 +126,12 @@ def test_hard_adam_without_constraints_is_torch_adam(metric: str) -> None:
 
 
 def test_state_dict_round_trip_resumes_exactly() -> None:
-    """HardAdam (m, v, t per parameter) and HardSGD: state_dict → load_state_dict into a fresh
-    optimizer on a copied model; both continue with bit-identical parameters."""
+    """HardAdam (m, v, t per parameter; either metric) and HardSGD: state_dict → load_state_dict
+    into a fresh optimizer on a copied model; both continue with bit-identical parameters."""
     loss, _, constraints = problem_fns(*data(3))
     for make in (
         lambda m: HardAdam(m, lr=0.02, betas=(0.85, 0.995), rtol=1e-10),
+        lambda m: HardAdam(m, lr=0.02, rtol=1e-10, bias_correction="adam", metric="euclidean"),
         lambda m: HardSGD(m, lr=0.03, rtol=1e-10),
     ):
         model = mlp(3)
@@ -143,7 +144,8 @@ def test_state_dict_round_trip_resumes_exactly() -> None:
         opt2.load_state_dict(sd)
         assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
         if isinstance(opt, HardAdam):
-            assert opt2.param_groups[0]["betas"] == (0.85, 0.995)
+            for key in ("betas", "metric", "bias_correction"):
+                assert opt2.param_groups[0][key] == opt.param_groups[0][key]
             st = opt2.state[twin[0].weight]
             assert st["step"] == 2
             torch.testing.assert_close(
@@ -154,6 +156,25 @@ def test_state_dict_round_trip_resumes_exactly() -> None:
             opt2.step(loss, constraints)
         for p, q in zip(model.parameters(), twin.parameters(), strict=True):
             assert torch.equal(p, q)
+
+
+def test_state_dict_from_before_the_metric_option_loads_as_diagonal() -> None:
+    """A HardAdam state dict without "metric" (written before the option existed) resumes as
+    Eq. 12's diagonal metric, whatever the loading optimizer was built with."""
+    loss, _, constraints = problem_fns(*data(4))
+    model = mlp(4)
+    opt = HardAdam(model, lr=0.02, rtol=1e-10)
+    opt.step(loss, constraints)
+    sd = opt.state_dict()
+    del sd["param_groups"][0]["metric"]
+    twin = copy.deepcopy(model)
+    opt2 = HardAdam(twin, lr=0.02, rtol=1e-10, metric="euclidean")
+    opt2.load_state_dict(sd)
+    for _ in range(2):
+        opt.step(loss, constraints)
+        opt2.step(loss, constraints)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q)
 
 
 def test_toy_constrained_least_squares() -> None:
