@@ -50,8 +50,9 @@ System = Literal["auto", "full", "reduced"]
 
 _METHODS = ("sgd", "gauss-newton", "adam")
 _SYSTEMS = ("auto", "full", "reduced")
-_CORRECTIONS = ("eq12", "adam")
-_METRICS = ("diagonal", "euclidean")
+# The values of kkt_step's bias_correction and metric (HardAdam checks its own against these).
+BIAS_CORRECTIONS = ("eq12", "adam")
+METRICS = ("diagonal", "euclidean")
 
 
 @dataclass(frozen=True)
@@ -373,12 +374,12 @@ def _check_scalars(
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
         if not (math.isfinite(_real(eps)) and _real(eps) > 0):
             raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
-        if bias_correction not in _CORRECTIONS:
+        if bias_correction not in BIAS_CORRECTIONS:
             raise ValueError(
-                f"bias_correction must be one of {_CORRECTIONS}, got {bias_correction!r}"
+                f"bias_correction must be one of {BIAS_CORRECTIONS}, got {bias_correction!r}"
             )
-    if metric not in _METRICS:
-        raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if metric != "diagonal" and method != "adam":
         raise ValueError(f"metric={metric!r} is an option of method='adam', got method={method!r}")
 

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ccnn.hard.distributed import unwrap
-from ccnn.hard.kkt import KKTStep, kkt_step
+from ccnn.hard.kkt import BIAS_CORRECTIONS, METRICS, KKTStep, kkt_step
 
 __all__ = ["HardAdam", "HardGaussNewton", "HardSGD"]
 
@@ -282,12 +282,11 @@ class HardAdam(_HardOptimizer):
             if isinstance(beta, bool) or not isinstance(beta, int | float) or not 0 <= beta < 1:
                 raise ValueError(f"Invalid beta parameter at index {i}: {beta!r}")
         _check_positive(eps, "Invalid epsilon value")
-        if bias_correction not in ("eq12", "adam"):
-            raise ValueError(
-                f"Invalid bias_correction (must be 'eq12' or 'adam'): {bias_correction!r}"
-            )
-        if metric not in ("diagonal", "euclidean"):
-            raise ValueError(f"Invalid metric (must be 'diagonal' or 'euclidean'): {metric!r}")
+        for name, value, allowed in (("bias_correction", bias_correction, BIAS_CORRECTIONS),
+                                     ("metric", metric, METRICS)):
+            if value not in allowed:
+                raise ValueError(f"Invalid {name} (must be {' or '.join(map(repr, allowed))}): "
+                                 f"{value!r}")
         _check_solver(rtol, maxit, correction, regularization)
         defaults = {
             "lr": lr,

@@ -301,7 +301,7 @@ class _Method:
             self.optimizer = torch.optim.SGD(model.parameters(), lr=lr)
         elif name in ("soft-adam", "lagrangian"):
             self.optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-        elif name == "hard-sgd" or (name == "hard-persistent" and cfg.persistent_base == "sgd"):
+        elif name == "hard-sgd" or (persistent and cfg.persistent_base == "sgd"):
             self.optimizer = HardSGD(model, lr=lr, rtol=cfg.rtol, maxit=maxit, correction=alpha)
         elif persistent and cfg.persistent_base == "adam-euclidean":
             self.optimizer = HardAdam(model, lr=lr, rtol=cfg.rtol, maxit=maxit,
