@@ -39,10 +39,13 @@ def explicit_mean_field(image: np.ndarray, logits: np.ndarray, p: CRFParams) -> 
     CRFParams(iterations=3, window=5, position_sigma=2.0, colour_sigma=40.0),
     CRFParams(iterations=2, window=3, appearance_weight=0.0, smoothness_weight=1.5),
 ])
-def test_matches_the_explicit_mean_field(params):
-    rng = np.random.default_rng(0)
+@pytest.mark.parametrize("classes", [2, 4, 7])
+def test_matches_the_explicit_mean_field(params, classes):
+    """Every class's message, the first one's too (``crf_refine`` takes it as the kernel's
+    total less the others')."""
+    rng = np.random.default_rng(classes)
     image = rng.integers(0, 256, (3, 6, 7)).astype(np.uint8)
-    logits = rng.standard_normal((4, 6, 7))
+    logits = rng.standard_normal((classes, 6, 7)) * 2
     ours = crf_refine(torch.from_numpy(image)[None], torch.from_numpy(logits)[None], params)
     np.testing.assert_allclose(ours[0].numpy(), explicit_mean_field(image, logits, params),
                                atol=1e-5)
@@ -73,6 +76,23 @@ def test_kernel_maps_are_the_written_out_kernel_for_every_offset():
                                                 + params.smoothness_weight * smoothness)
     # the smoothness weight is rounded to float32 (as before the symmetric maps)
     np.testing.assert_allclose(ours, expected, rtol=1e-7, atol=1e-9)
+
+
+def test_an_image_gets_the_same_numbers_in_any_batch():
+    """The mean-field loop runs on chunks of the batch; each image's result is the one it gets
+    alone, to the bit (15 images of six classes: chunks of 6, 6 and 3)."""
+    g = torch.Generator().manual_seed(4)
+    images = torch.randint(0, 256, (15, 3, 12, 13), dtype=torch.uint8, generator=g)
+    logits = torch.randn(15, 6, 12, 13, generator=g) * 3
+    together = crf_refine(images, logits)
+    for b in range(15):
+        assert torch.equal(together[b:b + 1], crf_refine(images[b:b + 1], logits[b:b + 1]))
+
+
+def test_one_class_or_no_image_is_the_softmax():
+    images = torch.randint(0, 256, (2, 3, 8, 9), dtype=torch.uint8)
+    assert torch.equal(crf_refine(images, torch.randn(2, 1, 8, 9)), torch.ones(2, 1, 8, 9))
+    assert crf_refine(images[:0], torch.randn(0, 3, 8, 9)).shape == (0, 3, 8, 9)
 
 
 def test_without_pairwise_terms_it_is_the_softmax():
