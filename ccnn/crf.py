@@ -99,7 +99,7 @@ def pairwise_kernels(images: Tensor, params: CRFParams = CRFParams()) -> Tensor:
 
 
 # The mean-field loop runs on chunks of images holding about this many class maps (images times
-# classes less one), so that the messages' working set stays in the cache: 1.3-1.5x faster at
+# classes less one), so that the messages' working set stays in the cache: 1.2-1.5x faster at
 # four to six classes than the whole batch at once, the same at two or three (docs/training.md,
 # "The dense CRF").  Each image's numbers do not depend on the chunking.
 _CHUNK_MAPS = 32
