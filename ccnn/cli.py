@@ -181,7 +181,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
-    from ccnn.pretrain import LOSSES, POOLS, PRETRAIN_DATASETS, PretrainConfig
+    from ccnn.pretrain import BATCH_SIZES, LOSSES, POOLS, PRETRAIN_DATASETS, PretrainConfig
 
     p = sub.add_parser(
         "pretrain", help="pretrain the small network's backbone on image-level labels",
@@ -213,7 +213,9 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
                    help=f"synthetic: training images (default {PretrainConfig.images})")
     p.add_argument("--epochs", type=int, help=f"default {PretrainConfig.epochs}")
     p.add_argument("--lr", type=float, help=f"Adam learning rate (default {PretrainConfig.lr:g})")
-    p.add_argument("--batch-size", type=int, help=f"default {PretrainConfig.batch_size}")
+    p.add_argument("--batch-size", type=int,
+                   help=f"default {BATCH_SIZES['synthetic']} on the synthetic shapes, "
+                        f"{BATCH_SIZES['tags']} with --dataset")
     p.add_argument("--seed", type=int, help=f"default {PretrainConfig.seed}")
     _add_no_progress(p)
 

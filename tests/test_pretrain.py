@@ -77,6 +77,17 @@ def test_bad_settings_are_named(field, value):
         PretrainConfig(**{field: value})
 
 
+@pytest.mark.parametrize(("dataset", "given", "expected"), [
+    ("synthetic", None, 16), ("voc", None, 32), ("camvid", None, 32), ("synthetic", 8, 8),
+    ("voc", 4, 4)])
+def test_the_batch_size_defaults_by_source(dataset, given, expected):
+    """16 on the synthetic shapes (stop 29's choice), 32 on a dataset's own tags (the recipe
+    of docs/generality.md), a given one as given; 0 is refused like the other counts."""
+    assert PretrainConfig(dataset=dataset, batch_size=given).batch_size == expected
+    with pytest.raises(ValueError, match="pretrain batch_size"):
+        PretrainConfig(dataset=dataset, batch_size=0)
+
+
 def test_command_line_writes_the_file_and_names_bad_settings(tmp_path, capsys):
     from ccnn.cli import main
 
