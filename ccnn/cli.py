@@ -154,7 +154,7 @@ def _add_test_time_crf(p: argparse.ArgumentParser) -> None:
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo", help="the main job: four methods on the synthetic default",
-        description="Train full, mil, ccnn and ccnn-size on the synthetic default (8.5-11 "
+        description="Train full, mil, ccnn and ccnn-size on the synthetic default (8.5-11.5 "
                     "minutes on two CPU cores, measured) and print their mIoU on the test "
                     "split, before and after the refinement stage.")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")

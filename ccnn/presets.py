@@ -22,7 +22,7 @@ _CCNN_SGD = {"model": "vgg16-fcn", "optimizer": "sgd", "lr": 1e-6, "momentum": 0
              "flip": True}
 
 PRESETS: dict[str, dict] = {
-    # The demo's setting: a small network, Adam; the four methods in 8.5-11 minutes on two CPU
+    # The demo's setting: a small network, Adam; the four methods in 8.5-11.5 minutes on two CPU
     # cores (machine and hour), pretraining and refinement included (docs/training.md).
     # With tags each tagged class must cover at least 20% of the image (CCNN: 5%), with CCNN's
     # slack 2; the background at most 70% (CCNN's).  Selected on val of the tuning seed 100

@@ -83,7 +83,7 @@ class PretrainConfig:
     and 86.0% (chance: 20%); a higher rate (2e-3) stayed at chance for six epochs.  Batches of
     16 (``batch_size=None`` takes 16 on the synthetic shapes, 32 on a dataset's own tags, whose
     recipe was chosen so) reached 89.2% and 95.6% on the tuning seeds 100 and 101 against 77.2%
-    and 92.4% in batches of 32, and ten epochs of 32 85.2% and 97.6%, in less time than either
+    and 92.4% in batches of 32, and ten epochs of 32 (which took longer) 85.2% and 97.6%
     (docs/training.md, "What pretraining changed").  A dataset of ~1,000 images needs more
     epochs than 3,000 do (docs/generality.md).
     """
