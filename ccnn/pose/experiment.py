@@ -303,14 +303,12 @@ class _Method:
             self.optimizer = torch.optim.Adam(model.parameters(), lr=lr)
         elif name == "hard-sgd" or (persistent and cfg.persistent_base == "sgd"):
             self.optimizer = HardSGD(model, lr=lr, rtol=cfg.rtol, maxit=maxit, correction=alpha)
-        elif persistent and cfg.persistent_base == "adam-euclidean":
-            self.optimizer = HardAdam(model, lr=lr, rtol=cfg.rtol, maxit=maxit,
-                                      bias_correction="adam", metric="euclidean",
-                                      correction=alpha)
-        else:
-            self.optimizer = HardAdam(model, lr=lr, rtol=cfg.rtol, maxit=maxit,
-                                      bias_correction=cfg.adam_bias_correction,
-                                      correction=alpha)
+        else:  # hard-adam, or the persistent pool on Adam's step (in its own metric or Eq. 5's)
+            euclidean = persistent and cfg.persistent_base == "adam-euclidean"
+            self.optimizer = HardAdam(
+                model, lr=lr, rtol=cfg.rtol, maxit=maxit,
+                bias_correction="adam" if euclidean else cfg.adam_bias_correction,
+                metric="euclidean" if euclidean else "diagonal", correction=alpha)
         if name == "lagrangian":
             self.multipliers = IndexedMultipliers(cfg.n_pool, 6)
             rho = cfg.dual_rho
