@@ -181,7 +181,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
-    from ccnn.pretrain import BATCH_SIZES, LOSSES, POOLS, PRETRAIN_DATASETS, PretrainConfig
+    from ccnn.pretrain import LOSSES, POOLS, PRETRAIN_DATASETS, SOURCE_DEFAULTS, PretrainConfig
 
     p = sub.add_parser(
         "pretrain", help="pretrain the small network's backbone on image-level labels",
@@ -201,8 +201,10 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-split", help="--dataset: split to report tag mAP on (default val)")
     p.add_argument("--crop", type=int, help="--dataset: random square crops of this many pixels "
                                             "(default whole images)")
-    p.add_argument("--pool", choices=POOLS, help="--dataset: the classifier's global pooling "
-                                                 "(default mean)")
+    p.add_argument("--pool", choices=POOLS,
+                   help=f"the classifier's global pooling (default "
+                        f"{SOURCE_DEFAULTS['synthetic']['pool']} on the synthetic shapes, "
+                        f"{SOURCE_DEFAULTS['tags']['pool']} with --dataset)")
     p.add_argument("--loss", choices=LOSSES, help="--dataset: bce (a binary cross-entropy per "
                                                   "class) or softmax (normalised tags; default "
                                                   "bce)")
@@ -214,8 +216,8 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, help=f"default {PretrainConfig.epochs}")
     p.add_argument("--lr", type=float, help=f"Adam learning rate (default {PretrainConfig.lr:g})")
     p.add_argument("--batch-size", type=int,
-                   help=f"default {BATCH_SIZES['synthetic']} on the synthetic shapes, "
-                        f"{BATCH_SIZES['tags']} with --dataset")
+                   help=f"default {SOURCE_DEFAULTS['synthetic']['batch_size']} on the synthetic "
+                        f"shapes, {SOURCE_DEFAULTS['tags']['batch_size']} with --dataset")
     p.add_argument("--seed", type=int, help=f"default {PretrainConfig.seed}")
     _add_no_progress(p)
 

@@ -4,7 +4,8 @@ CCNN (Pathak, Krähenbühl and Darrell, "Constrained Convolutional Neural Networ
 Supervised Segmentation", 2015) starts its segmentation network from VGG16 trained to classify
 ImageNet: image-level labels on a separate, larger set of images, whose features already tell
 objects apart.  :func:`pretrain` builds such a starting point for the small network, through the
-network's features, global average pooling and a linear layer, from one of two sources:
+network's features, global pooling (max or average, :data:`SOURCE_DEFAULTS`) and a linear
+layer, from one of two sources:
 
 * ``dataset="synthetic"`` (the default, the demo's): single-object images of a separate split of
   the built-in generator (``"pretrain"``, never used for segmentation), classified by their
@@ -53,16 +54,20 @@ from ccnn.io import atomic_save
 from ccnn.models import SmallSegNet
 from ccnn.progress import ProgressBar, on_terminal
 
-__all__ = ["BATCH_SIZES", "LOSSES", "POOLS", "PRETRAIN_DATASETS", "MultiLabelCriterion",
+__all__ = ["LOSSES", "POOLS", "PRETRAIN_DATASETS", "SOURCE_DEFAULTS", "MultiLabelCriterion",
            "PretrainConfig", "ShapeCriterion", "average_precision", "pretrain", "tag_columns",
            "tag_metrics"]
 
 logger = logging.getLogger(__name__)
 
 PRETRAIN_DATASETS: tuple[str, ...] = ("synthetic", "voc", "camvid")
-# The default batch size: on the synthetic shapes (chosen on the tuning seeds' pretraining
-# validation accuracy, stop 29) and on a dataset's own tags (the recipe of docs/generality.md).
-BATCH_SIZES: dict[str, int] = {"synthetic": 16, "tags": 32}
+# The settings whose default depends on the labels' source: the synthetic shapes (chosen on the
+# tuning seeds' pretraining validation accuracy, stops 29 and 30) and a dataset's own tags (the
+# recipe of docs/generality.md).
+SOURCE_DEFAULTS: dict[str, dict[str, int | str]] = {
+    "synthetic": {"batch_size": 16, "pool": "max"},
+    "tags": {"batch_size": 32, "pool": "mean"},
+}
 
 
 @dataclass
@@ -76,16 +81,19 @@ class PretrainConfig:
     ``pool`` is the classifier's global pooling, ``loss`` the multi-label loss
     (:class:`MultiLabelCriterion`).  ``init`` names a backbone file (of an earlier ``pretrain``)
     to start the features from instead of random weights: a backbone from another source (the
-    synthetic shapes) adapted to the dataset's own tags.
+    synthetic shapes) adapted to the dataset's own tags.  ``batch_size=None`` and ``pool=None``
+    take the source's default (:data:`SOURCE_DEFAULTS`).
 
-    Synthetic: eight epochs of 3,000 images.  In batches of 32 they reached 88.8%, 78.8% and
-    96.4% validation accuracy on the five shapes with seeds 0-2, where six reached 73.6%, 66.8%
-    and 86.0% (chance: 20%); a higher rate (2e-3) stayed at chance for six epochs.  Batches of
-    16 (``batch_size=None`` takes 16 on the synthetic shapes, 32 on a dataset's own tags, whose
-    recipe was chosen so) reached 89.2% and 95.6% on the tuning seeds 100 and 101 against 77.2%
-    and 92.4% in batches of 32, and ten epochs of 32 (which took longer) 85.2% and 97.6%
-    (docs/training.md, "What pretraining changed").  A dataset of ~1,000 images needs more
-    epochs than 3,000 do (docs/generality.md).
+    Synthetic: eight epochs of 3,000 images.  With average pooling in batches of 32 they reached
+    88.8%, 78.8% and 96.4% validation accuracy on the five shapes with seeds 0-2, where six
+    reached 73.6%, 66.8% and 86.0% (chance: 20%); a higher rate (2e-3) stayed at chance for six
+    epochs.  Batches of 16 reached 89.2% and 95.6% on the tuning seeds 100 and 101 against
+    77.2% and 92.4% in batches of 32; global max pooling then 95.2%, 97.2%, 95.6% and 95.6% on
+    the tuning seeds 100-103 against 89.2%, 95.6%, 82.4% and 91.2% with average pooling — a
+    shape is found where it is, not diluted by the background around it (docs/training.md,
+    "What pretraining changed").  On a dataset's own tags average pooling and batches of 32
+    stay, the recipe docs/generality.md chose; a dataset of ~1,000 images needs more epochs
+    than 3,000 do.
     """
 
     images: int = 3000
@@ -101,13 +109,15 @@ class PretrainConfig:
     train_split: str = "train"
     val_split: str = "val"
     crop: int | None = None
-    pool: str = "mean"
+    pool: str | None = None
     loss: str = "bce"
     init: str | None = None
 
     def __post_init__(self) -> None:
-        if self.batch_size is None:
-            self.batch_size = BATCH_SIZES["synthetic" if self.dataset == "synthetic" else "tags"]
+        source = SOURCE_DEFAULTS["synthetic" if self.dataset == "synthetic" else "tags"]
+        for name, value in source.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         for name in ("images", "val_images", "epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"pretrain {name} must be at least 1, got {getattr(self, name)}")

@@ -78,12 +78,15 @@ def test_bad_settings_are_named(field, value):
 
 
 @pytest.mark.parametrize(("dataset", "given", "expected"), [
-    ("synthetic", None, 16), ("voc", None, 32), ("camvid", None, 32), ("synthetic", 8, 8),
-    ("voc", 4, 4)])
-def test_the_batch_size_defaults_by_source(dataset, given, expected):
-    """16 on the synthetic shapes (stop 29's choice), 32 on a dataset's own tags (the recipe
-    of docs/generality.md), a given one as given; 0 is refused like the other counts."""
-    assert PretrainConfig(dataset=dataset, batch_size=given).batch_size == expected
+    ("synthetic", None, (16, "max")), ("voc", None, (32, "mean")), ("camvid", None, (32, "mean")),
+    ("synthetic", (8, "mean"), (8, "mean")), ("voc", (4, "max"), (4, "max"))])
+def test_the_batch_size_and_pooling_default_by_source(dataset, given, expected):
+    """Batches of 16 and max pooling on the synthetic shapes (stops 29 and 30), 32 and mean
+    pooling on a dataset's own tags (the recipe of docs/generality.md), given ones as given;
+    a batch of 0 is refused like the other counts."""
+    batch_size, pool = given or (None, None)
+    cfg = PretrainConfig(dataset=dataset, batch_size=batch_size, pool=pool)
+    assert (cfg.batch_size, cfg.pool) == expected
     with pytest.raises(ValueError, match="pretrain batch_size"):
         PretrainConfig(dataset=dataset, batch_size=0)
 
