@@ -221,7 +221,7 @@ def test_synchronize_waits_for_a_gpu_only(monkeypatch):
 def test_synthetic_preset_gives_every_weak_method_the_same_schedule():
     settings = {m: preset("synthetic", m) for m in METHODS}
     for method in WEAK_METHODS:
-        assert settings[method]["epochs"] == settings["ccnn"]["epochs"] == 14
+        assert settings[method]["epochs"] == settings["ccnn"]["epochs"] == 12
         assert settings[method]["refine_epochs"] == 3 and settings[method]["refine_lr"] == 1e-3
     assert "refine_epochs" not in settings["full"]
     assert settings["ccnn-size"]["bounds"]["small_rule"] == "at-most"
