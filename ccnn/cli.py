@@ -154,9 +154,9 @@ def _add_test_time_crf(p: argparse.ArgumentParser) -> None:
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo", help="the main job: four methods on the synthetic default",
-        description="Train full, mil, ccnn and ccnn-size on the synthetic default (8.5-11.5 "
-                    "minutes on two CPU cores, measured) and print their mIoU on the test "
-                    "split, before and after the refinement stage.")
+        description="Train full, mil, ccnn and ccnn-size on the synthetic default (8.5-9 "
+                    "minutes on two otherwise idle CPU cores, measured) and print their mIoU on "
+                    "the test split, before and after the refinement stage.")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--json", metavar="PATH", help="also write the table as JSON")
     p.add_argument("--seed", type=int, default=0, help="default 0")

@@ -22,8 +22,9 @@ _CCNN_SGD = {"model": "vgg16-fcn", "optimizer": "sgd", "lr": 1e-6, "momentum": 0
              "flip": True}
 
 PRESETS: dict[str, dict] = {
-    # The demo's setting: a small network, Adam; the four methods in 8.5-11.5 minutes on two CPU
-    # cores (machine and hour), pretraining and refinement included (docs/training.md).
+    # The demo's setting: a small network, Adam; the four methods in 8.5-9 minutes on two idle
+    # CPU cores (stop 30; more on a busy machine), pretraining and refinement included
+    # (docs/training.md).
     # With tags each tagged class must cover at least 20% of the image (CCNN: 5%), with CCNN's
     # slack 2; the background at most 70% (CCNN's).  Selected on val of the tuning seed 100
     # (docs/training.md, "Selection on val"): fg_lower 0.1 / 0.2 / 0.3 at bg_upper 0.8 gave
