@@ -16,13 +16,14 @@ from ccnn.data.synthetic import SyntheticShapes
 from ccnn.data.transforms import collate, normalize
 from ccnn.engine import seeded
 from ccnn.models import SmallSegNet, build_model
-from ccnn.pretrain import PretrainConfig, average_precision, pretrain, tag_metrics
+from ccnn.pretrain import PretrainConfig, _Classifier, average_precision, pretrain, tag_metrics
 
 TINY = {"images": 48, "val_images": 16, "batch_size": 16, "image_size": 32}
 
 
 def training_loss(features: nn.Module, head: nn.Linear, cfg: PretrainConfig) -> float:
-    """Cross-entropy of the shape classifier on the pretraining images, computed here."""
+    """Cross-entropy of the shape classifier on the pretraining images, computed here with
+    ``cfg.pool``'s global pooling (max or mean over the positions)."""
     data = SyntheticShapes("pretrain", cfg.images, image_size=cfg.image_size, max_objects=1,
                            seed=cfg.seed)
     batch = next(iter(DataLoader(Subset(data, range(cfg.images)), batch_size=cfg.images,
@@ -31,8 +32,27 @@ def training_loss(features: nn.Module, head: nn.Linear, cfg: PretrainConfig) -> 
     assert (batch["sizes"][:, 1:] > 0).sum(1).eq(1).all()  # one object: one label per image
     features.eval()
     with torch.no_grad():
-        logits = head(features(normalize(batch["image"])).mean((2, 3)))
+        maps = features(normalize(batch["image"]))
+        logits = head(maps.amax((2, 3)) if cfg.pool == "max" else maps.mean((2, 3)))
     return nn.functional.cross_entropy(logits, labels).item()
+
+
+@pytest.mark.parametrize("pool", ["max", "mean"])
+def test_the_classifier_pools_each_feature_over_the_positions(pool):
+    """The classifier's global pooling, written here as a loop over the feature maps."""
+    with seeded(0):
+        net = SmallSegNet(6, width=4)
+        images = torch.randn(2, 3, 24, 24)
+    classifier = _Classifier(net, 5, pool)
+    classifier.eval()
+    with torch.no_grad():
+        maps = net.features(images)
+        pooled = torch.tensor([[float(maps[b, c].max() if pool == "max" else maps[b, c].mean())
+                                for c in range(maps.shape[1])] for b in range(2)])
+        expected = pooled @ classifier.head.weight.T + classifier.head.bias
+        assert torch.allclose(classifier(images), expected, atol=1e-6)
+        other = maps.mean((2, 3)) if pool == "max" else maps.amax((2, 3))
+        assert not torch.allclose(classifier(images), classifier.head(other), atol=1e-3)
 
 
 def test_pretraining_lowers_the_classification_loss_and_loads_into_the_network(tmp_path):

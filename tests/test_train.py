@@ -223,6 +223,7 @@ def test_synthetic_preset_gives_every_weak_method_the_same_schedule():
     for method in WEAK_METHODS:
         assert settings[method]["epochs"] == settings["ccnn"]["epochs"] == 12
         assert settings[method]["refine_epochs"] == 3 and settings[method]["refine_lr"] == 1e-3
+    assert settings["full"]["epochs"] == 12  # every method, the same epochs
     assert "refine_epochs" not in settings["full"]
     assert settings["ccnn-size"]["bounds"]["small_rule"] == "at-most"
     assert settings["ccnn-size"]["bounds"]["size_threshold"] == 0.1
