@@ -141,7 +141,7 @@ class _Classifier(nn.Module):
     """The segmentation network's features, global pooling (``"mean"`` or ``"max"`` over the
     positions) and a linear layer (on normalised images, as the segmentation network)."""
 
-    def __init__(self, net: SmallSegNet, classes: int, pool: str = "mean") -> None:
+    def __init__(self, net: SmallSegNet, classes: int, pool: str) -> None:
         super().__init__()
         self.features = net.features
         self.head = nn.Linear(net.classifier.in_channels, classes)
