@@ -299,8 +299,15 @@ def _add_pose(sub: argparse._SubParsersAction) -> None:
                    help=f"unlabeled constraint images (default {d.n_pool})")
     p.add_argument("--persistent-correction", type=float, default=d.persistent_correction,
                    help="share of the linearized violation each step of the persistent-pool "
-                        f"method removes, in (0, 1] (default {d.persistent_correction:g}; 1 is "
-                        "Eq. 5's full correction)")
+                        "method removes until --persistent-target is reached, in (0, 1] "
+                        f"(default {d.persistent_correction:g}; 1 is Eq. 5's full correction)")
+    p.add_argument("--persistent-target", type=_optional_float, default=d.persistent_target,
+                   help="once the held-out median |C| is at most this share of the start "
+                        "model's, the persistent method's correction falls to "
+                        f"--persistent-low; 'none' never (default {d.persistent_target:g})")
+    p.add_argument("--persistent-low", type=float, default=d.persistent_low,
+                   help="the persistent method's correction once --persistent-target is "
+                        f"reached, in (0, 1] (default {d.persistent_low:g})")
     p.add_argument("--persistent-base", choices=PERSISTENT_BASES,
                    default=d.persistent_base,
                    help="the persistent method's step: Eq. 5, Eq. 10-12, Adam's step projected "
@@ -318,6 +325,16 @@ def _add_pose(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--h36m-units", choices=("mm", "m"), default=d.h36m_units,
                    help=f"units of the file's joints (default {d.h36m_units})")
     _add_no_progress(p)
+
+
+def _optional_float(text: str) -> float | None:
+    """A number, or None for 'none' (any case)."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
 
 
 def _add_hypersphere(sub: argparse._SubParsersAction) -> None:

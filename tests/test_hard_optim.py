@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ccnn.hard.kkt import kkt_step
-from ccnn.hard.optim import HardAdam, HardGaussNewton, HardSGD
+from ccnn.hard.optim import HardAdam, HardGaussNewton, HardSGD, TargetCorrection
 
 F64 = torch.float64
 
@@ -329,3 +329,58 @@ def test_hyper_parameter_errors() -> None:
     opt = HardSGD(model)
     with pytest.raises(ValueError, match="one parameter group"):
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(1))]})
+
+
+# ---- the correction switched by a measured violation ---------------------------------------
+
+
+def test_target_correction_switches_by_the_measured_violation() -> None:
+    """high (the correction the optimizer was made with) while the violation is above the
+    target, low at or below it, high again when it rises; a relative target is a share of the
+    first violation; every value is set in the group the next step reads."""
+    opt = HardSGD(mlp(0), lr=0.1, correction=0.6)
+    switch = TargetCorrection(opt, 0.5, low=0.2)
+    assert [switch.step(v) for v in (3.0, 0.5, 0.1, 0.7, 0.0)] == [0.6, 0.2, 0.2, 0.6, 0.2]
+    assert opt.param_groups[0]["correction"] == 0.2
+    opt = HardAdam(mlp(0), correction=0.8)
+    switch = TargetCorrection(opt, 0.1, low=0.3, relative=True)
+    assert switch.threshold is None
+    assert [switch.step(v) for v in (4.0, 0.5, 0.4, 0.41, 2.0)] == [0.8, 0.8, 0.3, 0.8, 0.8]
+    assert switch.threshold == pytest.approx(0.4)
+
+
+def test_target_correction_sets_the_share_the_next_step_removes() -> None:
+    """After the switch the step removes the share ``low`` of the linearized violation:
+    C + J·dw = (1 − low)·C, with J·dw by forward-mode AD (independent of the solver)."""
+    model = mlp(1)
+    loss, _, constraints = problem_fns(*data(1))
+    opt = HardSGD(model, lr=0.05, rtol=1e-13, correction=0.9)
+    switch = TargetCorrection(opt, 1e9, low=0.25)  # any violation reaches it
+    switch.step(1.0)
+    w = snapshot(model)
+    C = at_params(model, constraints)(w)
+    opt.step(loss, constraints)
+    dw = {k: v.detach() - w[k] for k, v in model.named_parameters()}
+    _, J_dw = torch.func.jvp(at_params(model, constraints), (w,), (dw,))
+    torch.testing.assert_close(C + J_dw, 0.75 * C, rtol=0, atol=1e-10)
+
+
+def test_target_correction_state_dict_and_errors() -> None:
+    opt = HardSGD(mlp(0), correction=0.5)
+    switch = TargetCorrection(opt, 0.2, low=0.1, relative=True)
+    switch.step(2.0)
+    restored = TargetCorrection(HardSGD(mlp(0), correction=0.5), 0.9, low=0.9)
+    restored.load_state_dict(switch.state_dict())
+    assert restored.state_dict() == {"target": 0.2, "low": 0.1, "relative": True, "high": [0.5],
+                                     "threshold": pytest.approx(0.4)}
+    assert restored.step(0.3) == 0.1 and restored.step(0.5) == 0.5
+    with pytest.raises(ValueError, match="optimizer must be HardSGD, HardAdam or HardGaussNewton"):
+        TargetCorrection(torch.optim.SGD(mlp(0).parameters(), lr=0.1), 0.1, low=0.1)
+    with pytest.raises(ValueError, match=re.escape("Invalid target (must be finite and > 0): 0")):
+        TargetCorrection(opt, 0, low=0.1)
+    with pytest.raises(ValueError, match=re.escape("Invalid low (must be in (0, 1]): 1.5")):
+        TargetCorrection(opt, 0.1, low=1.5)
+    with pytest.raises(ValueError, match=re.escape("Invalid violation (must be finite and >= 0)")):
+        switch.step(float("nan"))
+    with pytest.raises(ValueError, match=re.escape("Invalid violation (must be finite and >= 0)")):
+        switch.step(-1.0)

@@ -18,6 +18,7 @@ from ccnn.pose.experiment import (
     _Method,
     evaluate,
     load_data,
+    run_method,
     run_pose,
     train_unconstrained,
 )
@@ -149,6 +150,30 @@ def test_the_persistent_learning_rate_follows_its_base(base: str) -> None:
         assert group["bias_correction"] == ("adam" if euclidean else "eq12")
 
 
+@pytest.mark.parametrize("target", [None, 10.0, 0.7])
+def test_the_persistent_correction_follows_the_heldout_violation(target: float | None) -> None:
+    """With persistent_target τ each step of the persistent method takes α = persistent_low
+    when the held-out median |C| measured just before it (for the first step, the start
+    model's v0, computed here) is at most τ·v0, else persistent_correction; None keeps
+    persistent_correction (τ = 10 is reached at once)."""
+    cfg = PoseConfig(**{**TINY, "iterations": 6, "persistent_target": target,
+                        "persistent_correction": 0.9, "persistent_low": 0.2})
+    data = load_data(cfg)
+    torch.manual_seed(3)
+    start = PoseNet(hidden=cfg.hidden, image_size=cfg.image_size)
+    with torch.no_grad():
+        v0 = float(symmetry_residuals(start(data["val_x"][:cfg.heldout])).abs().median())
+    history = run_method("hard-persistent", start, data, cfg, split="val")["history"]
+    before = [v0] + [h["heldout_violation"] for h in history[:-1]]
+    used = [h["correction"] for h in history]
+    if target is None:
+        assert used == [0.9] * 6
+    else:
+        assert used == [0.2 if v <= target * v0 else 0.9 for v in before]
+    if target == 10.0:
+        assert used == [0.2] * 6
+
+
 def test_a_projected_targets_step_is_the_damped_least_squares_step_toward_symmetric_poses():
     """The step is ``dw = −(JᵀJ + ηI)⁻¹Jᵀr`` with ``r = (f(xc) − T)/√n``, T the symmetric poses
     near the pooled outputs, written as a dense solve (J by jacrev, NumPy); it moves the pooled
@@ -192,6 +217,8 @@ def test_a_projected_targets_step_is_the_damped_least_squares_step_toward_symmet
     ({"soft_lambda": float("nan")}, "soft_lambda must be a non-negative number"),
     ({"gn_batch": 17}, r"gn_batch \(17\) cannot exceed batch_size \(16\)"),
     ({"persistent_correction": 0.0}, r"persistent_correction must be in \(0, 1\]"),
+    ({"persistent_target": 0.0}, "persistent_target must be a positive number"),
+    ({"persistent_low": 1.5}, r"persistent_low must be in \(0, 1\]"),
     ({"persistent_base": "lbfgs"}, "persistent_base must be one of sgd, adam, adam-euclidean, gn"),
     ({"persistent_maxit": 0}, "persistent_maxit must be None or a positive integer"),
     ({"adam_bias_correction": "none"}, "adam_bias_correction must be 'eq12' or 'adam'"),
@@ -232,7 +259,8 @@ def test_cli_writes_json(tmp_path, capsys: pytest.CaptureFixture) -> None:
 
 
 def test_cli_passes_the_persistent_settings(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
-    """--persistent-base gn and --persistent-maxit reach the run (its recorded config and its
+    """--persistent-base gn, --persistent-maxit, --persistent-target and --persistent-low reach
+    the run (its recorded config and its
     solves: every one stops at the limit of 2 iterations); the truncated solves are counted in
     one summary line, not warned about step by step."""
     out_json = tmp_path / "pose.json"
@@ -240,11 +268,13 @@ def test_cli_passes_the_persistent_settings(tmp_path, caplog: pytest.LogCaptureF
                  "--methods", "hard-persistent", "--iterations", "2", "--pretrain-epochs", "1",
                  "--train-size", "128", "--val-size", "64", "--test-size", "8",
                  "--pool-size", "128", "--persistent-base", "gn", "--persistent-maxit", "2",
-                 "--no-progress"])
+                 "--persistent-target", "none", "--persistent-low", "0.3", "--no-progress"])
     assert code == 0
     result = json.loads(out_json.read_text())
     assert result["config"]["persistent_base"] == "gn"
     assert result["config"]["persistent_maxit"] == 2
+    assert result["config"]["persistent_target"] is None
+    assert result["config"]["persistent_low"] == 0.3
     history = result["methods"]["hard-persistent"]["history"]
     assert [h["solver_iterations"] for h in history] == [2, 2]
     assert "hard-persistent: 2 of 2 KKT solves stopped at the iteration limit" in caplog.text

@@ -27,7 +27,7 @@ from ccnn.hard.active import (
 )
 from ccnn.hard.kkt import KKTStep, kkt_step
 from ccnn.hard.minres_qlp import Flag, MinresQLPInfo, minres_qlp
-from ccnn.hard.optim import HardAdam, HardGaussNewton, HardSGD
+from ccnn.hard.optim import HardAdam, HardGaussNewton, HardSGD, TargetCorrection
 from ccnn.hard.penalties import DualAscent, IndexedMultipliers, lagrangian, soft_penalty
 from ccnn.hard.posthoc import Projection, ProjectionReport, constraint_error, nonlinear_projection
 from ccnn.hard.projections import (
@@ -64,6 +64,7 @@ __all__ = [
     "Simplex",
     "Tanabe",
     "TanabeStep",
+    "TargetCorrection",
     "constraint_error",
     "dykstra",
     "huber",

@@ -12,9 +12,10 @@ symmetry constraints of Table 2 (Eq. 15, here with squared bone lengths) by ever
 * ``hard-persistent``: a KKT step on a persistent pool of constraint samples (a sample once
   mined stays until it has been met longest), the remedy the paper's conclusion proposes for
   the forgetting of changing active sets; by default the step is Adam's, projected onto the
-  pool's linearized constraints in Eq. 5's metric, removing 40% of their violation per step
+  pool's linearized constraints in Eq. 5's metric, removing 50% of their violation per step
+  and 10% once the held-out violation is down to 5% of the start's
   (``persistent_base="adam-euclidean"``, 40 MINRES-QLP iterations; docs/hard_experiments.md,
-  seventh to ninth rounds);
+  seventh to ninth rounds and stop 31);
 * ``projected-targets``: no constraint rows at all: the same persistent pool, and a Gauss-Newton
   step (Eq. 6 without ``C``) that pulls each pooled sample's output toward a symmetric pose near
   it (:func:`ccnn.pose.skeleton.symmetrize`), so the network learns feasible targets instead of
@@ -48,6 +49,7 @@ from ccnn.hard import (
     KKTStep,
     MinedActive,
     PersistentActive,
+    TargetCorrection,
     lagrangian,
     soft_penalty,
 )
@@ -114,7 +116,13 @@ class PoseConfig:
             used by that method).
         persistent_correction: ``α`` of the persistent method's steps, the share of the
             linearized violation each step removes (:func:`ccnn.hard.kkt.kkt_step`; the other
-            hard methods take the paper's 1); 0.4, chosen on validation (ninth round).
+            hard methods take the paper's 1) while the held-out violation is above
+            ``persistent_target``; 0.5, chosen on validation (docs/hard_experiments.md, stop 31).
+        persistent_target, persistent_low: once the held-out median |C| (of the ``heldout``
+            images, measured before the first step and after each) is at most
+            ``persistent_target`` times the start model's, the persistent method's ``α`` falls
+            to ``persistent_low`` (:class:`ccnn.hard.TargetCorrection`); None keeps
+            ``persistent_correction`` throughout (the default before stop 31, with α 0.4).
         adam_bias_correction: ``"eq12"`` (as printed) or ``"adam"`` for the Adam-based hard
             steps (:class:`ccnn.hard.HardAdam`).
         persistent_base: the step of the persistent-pool method: ``"sgd"`` (Eq. 5),
@@ -169,7 +177,9 @@ class PoseConfig:
     maxit: int | None = 20
     gn_maxit: int = 5
     gn_batch: int = 32
-    persistent_correction: float = 0.4
+    persistent_correction: float = 0.5
+    persistent_target: float | None = 0.05
+    persistent_low: float = 0.1
     adam_bias_correction: str = "eq12"
     persistent_base: str = "adam-euclidean"
     persistent_maxit: int | None = 40
@@ -209,6 +219,10 @@ class PoseConfig:
         if not 0 < self.persistent_correction <= 1:
             raise ValueError(f"persistent_correction must be in (0, 1], got "
                              f"{self.persistent_correction}")
+        if self.persistent_target is not None:
+            _check_positive("persistent_target", self.persistent_target)
+        if not 0 < self.persistent_low <= 1:
+            raise ValueError(f"persistent_low must be in (0, 1], got {self.persistent_low}")
         if self.adam_bias_correction not in ("eq12", "adam"):
             raise ValueError(f"adam_bias_correction must be 'eq12' or 'adam', got "
                              f"{self.adam_bias_correction!r}")
@@ -313,6 +327,16 @@ class _Method:
             self.multipliers = IndexedMultipliers(cfg.n_pool, 6)
             rho = cfg.dual_rho
             self.dual = DualAscent(self.multipliers, rho=rho)
+        self.switch = None
+        if persistent and cfg.persistent_target is not None:
+            self.switch = TargetCorrection(self.optimizer, cfg.persistent_target,
+                                           low=cfg.persistent_low, relative=True)
+
+    def observe(self, heldout_violation: float) -> None:
+        """The held-out median |C| before the first step and after each: sets the persistent
+        method's ``α`` for the next step (``cfg.persistent_target``)."""
+        if self.switch is not None:
+            self.switch.step(heldout_violation)
 
     def step(self, x: Tensor, y: Tensor, xc: Tensor, idx: Tensor) -> dict:
         """One iteration on the labelled batch (x, y) and constraint inputs xc (pool indices
@@ -338,7 +362,8 @@ class _Method:
             else:
                 result = self.optimizer.step(loss, constraints)
             return {**_solver_stats(result, result.constraint_values),
-                    "multiplier_norm": float(result.multipliers.norm())}
+                    "multiplier_norm": float(result.multipliers.norm()),
+                    "correction": self.optimizer.param_groups[0]["correction"]}
         R = pose_loss(self.model(x), y)
         C = symmetry_residuals(self.model(xc), relative=cfg.relative)
         stats = {"loss": R.item(), "active_violation": float(C.detach().abs().median())}
@@ -398,14 +423,18 @@ def run_method(name: str, start: nn.Module, data: dict[str, Tensor], cfg: PoseCo
     """Fine-tune a copy of ``start`` by method ``name`` for ``cfg.iterations`` iterations;
     returns its JSON record, evaluated on ``split`` ("test" or "val")."""
     model = copy.deepcopy(start)
-    return fine_tune(name, model, _Method(name, model, cfg).step, data, cfg, progress, split)
+    method = _Method(name, model, cfg)
+    return fine_tune(name, model, method.step, data, cfg, progress, split,
+                     observe=method.observe)
 
 
 def fine_tune(name: str, model: nn.Module, step: Step, data: dict[str, Tensor], cfg: PoseConfig,
-              progress: bool = False, split: str = "test") -> dict:
+              progress: bool = False, split: str = "test",
+              observe: Callable[[float], None] | None = None) -> dict:
     """The iterations every fine-tuning method shares: each draws a labelled batch, mines the
     constraint samples (Eq. 9, or the persistent pool for ``hard-persistent``), calls ``step``
-    and logs the held-out violation; the test curve every ``cfg.eval_every`` iterations. Returns
+    and logs the held-out violation, which ``observe`` (if given) also receives, once before
+    the first step and after each; the test curve every ``cfg.eval_every`` iterations. Returns
     the method's JSON record, evaluated on ``split``."""
     generator = torch.Generator().manual_seed(cfg.seed + 1)
     chooser = _chooser(name, cfg, generator)
@@ -413,6 +442,13 @@ def fine_tune(name: str, model: nn.Module, step: Step, data: dict[str, Tensor], 
     eval_x, eval_y = data[f"{split}_x"], data[f"{split}_y"]
     n = len(data["train_x"])
     history, curve, seconds = [], [], 0.0
+
+    @torch.no_grad()
+    def heldout_violation() -> float:
+        return float(symmetry_residuals(model(heldout)).abs().median())
+
+    if observe is not None:
+        observe(heldout_violation())
     with ProgressBar(progress, cfg.iterations, name) as bar:
         for it in range(cfg.iterations):
             start_time = time.perf_counter()
@@ -427,9 +463,9 @@ def fine_tune(name: str, model: nn.Module, step: Step, data: dict[str, Tensor], 
             seconds += time.perf_counter() - start_time
             if not weights_finite(model):
                 raise RuntimeError(f"{name}: the weights became non-finite at iteration {it}")
-            with torch.no_grad():
-                stats["heldout_violation"] = float(
-                    symmetry_residuals(model(heldout)).abs().median())
+            stats["heldout_violation"] = heldout_violation()
+            if observe is not None:
+                observe(stats["heldout_violation"])
             stats["active"] = len(idx)
             history.append(stats)
             log.debug("%s iteration %d: %s", name, it + 1, stats)
