@@ -308,6 +308,11 @@ def _add_pose(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--persistent-low", type=float, default=d.persistent_low,
                    help="the persistent method's correction once --persistent-target is "
                         f"reached, in (0, 1] (default {d.persistent_low:g})")
+    p.add_argument("--persistent-budget", type=int, default=d.persistent_budget,
+                   help=f"most samples in the persistent method's pool (default "
+                        f"{d.persistent_budget})")
+    p.add_argument("--persistent-mined", type=int, default=d.persistent_mined,
+                   help=f"samples mined into that pool each step (default {d.persistent_mined})")
     p.add_argument("--persistent-base", choices=PERSISTENT_BASES,
                    default=d.persistent_base,
                    help="the persistent method's step: Eq. 5, Eq. 10-12, Adam's step projected "

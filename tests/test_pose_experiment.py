@@ -15,6 +15,7 @@ from ccnn.pose.experiment import (
     METHODS,
     THRESHOLDS,
     PoseConfig,
+    _chooser,
     _Method,
     evaluate,
     load_data,
@@ -27,7 +28,8 @@ from ccnn.pose.skeleton import symmetrize, symmetry_residuals
 
 TINY = {"n_train": 48, "n_val": 16, "n_test": 16, "n_pool": 48, "heldout": 8, "batch_size": 16,
         "mined": 4, "candidates": 16, "budget": 8, "pretrain_epochs": 2, "iterations": 3,
-        "eval_every": 2, "image_size": 32, "hidden": 32, "gn_maxit": 3, "gn_batch": 8}
+        "eval_every": 2, "image_size": 32, "hidden": 32, "gn_maxit": 3, "gn_batch": 8,
+        "persistent_budget": None, "persistent_mined": None}
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +176,21 @@ def test_the_persistent_correction_follows_the_heldout_violation(target: float |
         assert used == [0.2] * 6
 
 
+def test_the_persistent_pool_has_its_own_sizes() -> None:
+    """hard-persistent's pool holds persistent_budget samples and mines persistent_mined a
+    step (64 and 32 by default); projected-targets and the mined methods keep budget and
+    mined; None falls back to them."""
+    cfg = PoseConfig()
+    generator = torch.Generator().manual_seed(0)
+    pool = _chooser("hard-persistent", cfg, generator)
+    assert (pool.budget, pool.k_new) == (64, 32)
+    targets = _chooser("projected-targets", cfg, generator)
+    assert (targets.budget, targets.k_new) == (cfg.budget, cfg.mined) == (32, 16)
+    assert _chooser("soft-adam", cfg, generator).k == 16
+    fallback = PoseConfig(persistent_budget=None, persistent_mined=None)
+    assert fallback.pool_sizes("hard-persistent") == (32, 16)
+
+
 def test_a_projected_targets_step_is_the_damped_least_squares_step_toward_symmetric_poses():
     """The step is ``dw = −(JᵀJ + ηI)⁻¹Jᵀr`` with ``r = (f(xc) − T)/√n``, T the symmetric poses
     near the pooled outputs, written as a dense solve (J by jacrev, NumPy); it moves the pooled
@@ -210,6 +227,11 @@ def test_a_projected_targets_step_is_the_damped_least_squares_step_toward_symmet
     ({"iterations": 0}, "iterations must be a positive integer"),
     ({"mined": 40, "candidates": 16}, "need mined <= candidates <= n_pool"),
     ({"budget": 2}, "budget .* must be at least mined"),
+    ({"persistent_budget": 4, "persistent_mined": 6},
+     r"persistent_budget \(4\) must be at least persistent_mined \(6\)"),
+    ({"persistent_budget": 32, "persistent_mined": 20},
+     r"persistent_mined \(20\) cannot exceed candidates \(16\)"),
+    ({"persistent_budget": 0}, "persistent_budget must be None or a positive integer"),
     ({"heldout": 99}, "heldout .* cannot exceed n_val"),
     ({"lr": {"hard-foo": 1.0}}, "lr: unknown method 'hard-foo'"),
     ({"lr": {"hard-sgd": -1.0}}, "must be a positive number"),
@@ -259,8 +281,8 @@ def test_cli_writes_json(tmp_path, capsys: pytest.CaptureFixture) -> None:
 
 
 def test_cli_passes_the_persistent_settings(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
-    """--persistent-base gn, --persistent-maxit, --persistent-target and --persistent-low reach
-    the run (its recorded config and its
+    """--persistent-base gn, --persistent-maxit, --persistent-target, --persistent-low and the
+    pool's sizes reach the run (its recorded config and its
     solves: every one stops at the limit of 2 iterations); the truncated solves are counted in
     one summary line, not warned about step by step."""
     out_json = tmp_path / "pose.json"
@@ -268,13 +290,15 @@ def test_cli_passes_the_persistent_settings(tmp_path, caplog: pytest.LogCaptureF
                  "--methods", "hard-persistent", "--iterations", "2", "--pretrain-epochs", "1",
                  "--train-size", "128", "--val-size", "64", "--test-size", "8",
                  "--pool-size", "128", "--persistent-base", "gn", "--persistent-maxit", "2",
-                 "--persistent-target", "none", "--persistent-low", "0.3", "--no-progress"])
+                 "--persistent-target", "none", "--persistent-low", "0.3",
+                 "--persistent-budget", "24", "--persistent-mined", "12", "--no-progress"])
     assert code == 0
     result = json.loads(out_json.read_text())
     assert result["config"]["persistent_base"] == "gn"
     assert result["config"]["persistent_maxit"] == 2
     assert result["config"]["persistent_target"] is None
     assert result["config"]["persistent_low"] == 0.3
+    assert (result["config"]["persistent_budget"], result["config"]["persistent_mined"]) == (24, 12)
     history = result["methods"]["hard-persistent"]["history"]
     assert [h["solver_iterations"] for h in history] == [2, 2]
     assert "hard-persistent: 2 of 2 KKT solves stopped at the iteration limit" in caplog.text

@@ -26,7 +26,7 @@ from ccnn.pose.skeleton import symmetry_residuals
 
 TINY = {"n_train": 32, "n_val": 12, "n_test": 12, "n_pool": 24, "heldout": 8, "batch_size": 8,
         "mined": 3, "candidates": 12, "iterations": 3, "eval_every": 2, "image_size": 32,
-        "hidden": 16, "gn_batch": 4}
+        "hidden": 16, "gn_batch": 4, "persistent_budget": None, "persistent_mined": None}
 FAST = FamilySettings(projection_steps=4, projection_check_every=2, projection_batch=6,
                       data_batch=8, projection_threshold=0.0)
 

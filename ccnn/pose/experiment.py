@@ -109,6 +109,9 @@ class PoseConfig:
             ``augmented``).
         augmented: the Lagrangian adds (ρ/2)·Σ C².
         budget, tol: the persistent pool's most samples and the median |C| that counts as met.
+        persistent_budget, persistent_mined: the ``hard-persistent`` pool's most samples and
+            the samples mined into it each step (None: ``budget`` and ``mined``, which
+            ``projected-targets`` uses); 64 and 32, chosen on validation (stop 31).
         rtol, maxit: MINRES-QLP's tolerance and iteration limit in each KKT step.
         gn_maxit: the iteration limit of Gauss-Newton's solves.
         gn_batch: labelled samples of each batch whose residuals form Gauss-Newton's
@@ -172,6 +175,8 @@ class PoseConfig:
     dual_rho: float = 1.0
     augmented: bool = True
     budget: int = 32
+    persistent_budget: int | None = 64
+    persistent_mined: int | None = 32
     tol: float = 1e-4
     rtol: float = 1e-4
     maxit: int | None = 20
@@ -206,8 +211,19 @@ class PoseConfig:
         if self.gn_batch > self.batch_size:
             raise ValueError(f"gn_batch ({self.gn_batch}) cannot exceed batch_size "
                              f"({self.batch_size})")
-        if self.budget < self.mined:
-            raise ValueError(f"budget ({self.budget}) must be at least mined ({self.mined})")
+        for name in ("persistent_budget", "persistent_mined"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise ValueError(f"{name} must be None or a positive integer, got {value!r}")
+        for prefix, (budget, mined) in (("", (self.budget, self.mined)),
+                                        ("persistent_", self.pool_sizes("hard-persistent"))):
+            if budget < mined:
+                raise ValueError(f"{prefix}budget ({budget}) must be at least {prefix}mined "
+                                 f"({mined})")
+            if mined > self.candidates:
+                raise ValueError(f"{prefix}mined ({mined}) cannot exceed candidates "
+                                 f"({self.candidates})")
         if self.heldout > self.n_val:
             raise ValueError(f"heldout ({self.heldout}) cannot exceed n_val ({self.n_val})")
         for name in ("pretrain_lr", "gn_damping", "dual_rho", "target_damping"):
@@ -241,6 +257,14 @@ class PoseConfig:
         for method in self.methods:
             if method not in METHODS:
                 raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+    def pool_sizes(self, name: str) -> tuple[int, int]:
+        """``(budget, mined)`` of method ``name``'s constraint samples."""
+        if name == "hard-persistent":
+            return (self.budget if self.persistent_budget is None else self.persistent_budget,
+                    self.mined if self.persistent_mined is None else self.persistent_mined)
+        return self.budget, self.mined
 
 
 def _check_positive(name: str, value: float) -> None:
@@ -401,10 +425,11 @@ def _solver_stats(result: KKTStep, C: Tensor) -> dict:
 
 
 def _chooser(name: str, cfg: PoseConfig, generator: torch.Generator) -> ActiveSet:
+    budget, mined = cfg.pool_sizes(name)
     if name in POOLED:
-        return PersistentActive(cfg.n_pool, cfg.mined, cfg.budget, tol=cfg.tol,
+        return PersistentActive(cfg.n_pool, mined, budget, tol=cfg.tol,
                                 candidates=cfg.candidates, generator=generator)
-    return MinedActive(cfg.n_pool, cfg.mined, candidates=cfg.candidates, generator=generator)
+    return MinedActive(cfg.n_pool, mined, candidates=cfg.candidates, generator=generator)
 
 
 #: One iteration of a fine-tuning method: ``step(x, y, xc, idx)`` on the labelled batch (x, y)
