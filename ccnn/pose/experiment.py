@@ -212,19 +212,20 @@ class PoseConfig:
         if self.gn_batch > self.batch_size:
             raise ValueError(f"gn_batch ({self.gn_batch}) cannot exceed batch_size "
                              f"({self.batch_size})")
-        for name in ("persistent_budget", "persistent_mined"):
+        for name in ("persistent_budget", "persistent_mined", "persistent_maxit"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 1):
                 raise ValueError(f"{name} must be None or a positive integer, got {value!r}")
+        persistent = self.pool_sizes("hard-persistent")
         for prefix, (budget, mined) in (("", (self.budget, self.mined)),
-                                        ("persistent_", self.pool_sizes("hard-persistent"))):
+                                        ("persistent_", persistent)):
             if budget < mined:
                 raise ValueError(f"{prefix}budget ({budget}) must be at least {prefix}mined "
                                  f"({mined})")
-            if mined > self.candidates:
-                raise ValueError(f"{prefix}mined ({mined}) cannot exceed candidates "
-                                 f"({self.candidates})")
+        if persistent[1] > self.candidates:  # mined's own bound is checked above
+            raise ValueError(f"persistent_mined ({persistent[1]}) cannot exceed candidates "
+                             f"({self.candidates})")
         if self.heldout > self.n_val:
             raise ValueError(f"heldout ({self.heldout}) cannot exceed n_val ({self.n_val})")
         for name in ("pretrain_lr", "gn_damping", "dual_rho", "target_damping"):
@@ -233,24 +234,17 @@ class PoseConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a non-negative number, got {value}")
-        if not 0 < self.persistent_correction <= 1:
-            raise ValueError(f"persistent_correction must be in (0, 1], got "
-                             f"{self.persistent_correction}")
+        for name in ("persistent_correction", "persistent_low"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
         if self.persistent_target is not None:
             _check_positive("persistent_target", self.persistent_target)
-        if not 0 < self.persistent_low <= 1:
-            raise ValueError(f"persistent_low must be in (0, 1], got {self.persistent_low}")
         if self.adam_bias_correction not in ("eq12", "adam"):
             raise ValueError(f"adam_bias_correction must be 'eq12' or 'adam', got "
                              f"{self.adam_bias_correction!r}")
         if self.persistent_base not in PERSISTENT_BASES:
             raise ValueError(f"persistent_base must be one of {', '.join(PERSISTENT_BASES)}, "
                              f"got {self.persistent_base!r}")
-        pmaxit = self.persistent_maxit
-        if pmaxit is not None and (isinstance(pmaxit, bool) or not isinstance(pmaxit, int)
-                                   or pmaxit < 1):
-            raise ValueError(f"persistent_maxit must be None or a positive integer, got "
-                             f"{self.persistent_maxit!r}")
         for method, value in self.lr.items():
             if method not in METHODS:
                 raise ValueError(f"lr: unknown method {method!r}")
@@ -258,7 +252,6 @@ class PoseConfig:
         for method in self.methods:
             if method not in METHODS:
                 raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-
 
     def pool_sizes(self, name: str) -> tuple[int, int]:
         """``(budget, mined)`` of method ``name``'s constraint samples."""
