@@ -321,6 +321,10 @@ def _add_pose(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--persistent-maxit", type=int, default=d.persistent_maxit,
                    help="MINRES-QLP iterations of the persistent method's solves, whatever its "
                         f"base (default {d.persistent_maxit})")
+    p.add_argument("--persistent-frozen", type=_names, default=d.persistent_frozen,
+                   help="comma-separated submodules whose weights the persistent method leaves "
+                        "at the start model's, 'none' to train every weight (default "
+                        f"{','.join(d.persistent_frozen)})")
     p.add_argument("--adam-bias-correction", choices=("eq12", "adam"),
                    default=d.adam_bias_correction,
                    help="Hard-Adam's D: Eq. 12 as printed, or Adam's own bias correction "
@@ -330,6 +334,12 @@ def _add_pose(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--h36m-units", choices=("mm", "m"), default=d.h36m_units,
                    help=f"units of the file's joints (default {d.h36m_units})")
     _add_no_progress(p)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """A comma-separated list of names; 'none' (or nothing) is the empty list."""
+    return () if text.strip().lower() in ("", "none") else tuple(
+        n.strip() for n in text.split(",") if n.strip())
 
 
 def _optional_float(text: str) -> float | None:

@@ -3,6 +3,7 @@ issue's shape, and runs repeat exactly."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from ccnn.cli import main
+from ccnn.cli import build_parser, main
 from ccnn.pose.experiment import (
     METHODS,
     THRESHOLDS,
@@ -18,6 +19,7 @@ from ccnn.pose.experiment import (
     _chooser,
     _Method,
     evaluate,
+    fine_tune,
     load_data,
     run_method,
     run_pose,
@@ -191,6 +193,25 @@ def test_the_persistent_pool_has_its_own_sizes() -> None:
     assert fallback.pool_sizes("hard-persistent") == (32, 16)
 
 
+@pytest.mark.parametrize("frozen", [("regressor.5",), ("features", "regressor.1"), ()])
+def test_the_persistent_method_leaves_its_frozen_modules_as_they_were(frozen: tuple) -> None:
+    """persistent_frozen's modules keep the start model's weights bit for bit through the
+    persistent method's steps (data step and correction), every other weight moves; the other
+    methods train every weight whatever it says."""
+    cfg = PoseConfig(**{**TINY, "iterations": 2, "persistent_frozen": frozen})
+    data = load_data(cfg)
+    torch.manual_seed(5)
+    start = PoseNet(hidden=cfg.hidden, image_size=cfg.image_size)
+    for name in ("hard-persistent", "soft-adam"):
+        model = copy.deepcopy(start)
+        method = _Method(name, model, cfg)
+        fine_tune(name, model, method.step, data, cfg, split="val", observe=method.observe)
+        before = dict(start.named_parameters())
+        for key, p in model.named_parameters():
+            kept = name == "hard-persistent" and any(key.startswith(m + ".") for m in frozen)
+            assert torch.equal(p, before[key]) == kept, (name, key)
+
+
 def test_a_projected_targets_step_is_the_damped_least_squares_step_toward_symmetric_poses():
     """The step is ``dw = −(JᵀJ + ηI)⁻¹Jᵀr`` with ``r = (f(xc) − T)/√n``, T the symmetric poses
     near the pooled outputs, written as a dense solve (J by jacrev, NumPy); it moves the pooled
@@ -244,6 +265,10 @@ def test_a_projected_targets_step_is_the_damped_least_squares_step_toward_symmet
     ({"persistent_base": "lbfgs"}, "persistent_base must be one of sgd, adam, adam-euclidean, gn"),
     ({"persistent_maxit": 0}, "persistent_maxit must be None or a positive integer"),
     ({"adam_bias_correction": "none"}, "adam_bias_correction must be 'eq12' or 'adam'"),
+    ({"persistent_frozen": "regressor.5"}, "persistent_frozen must be a tuple of module names"),
+    ({"persistent_frozen": ("regressor.9",)},
+     r"persistent_frozen: PoseNet has no submodule 'regressor.9' \(its submodules: features, "),
+    ({"persistent_frozen": ("features", "regressor")}, "leaves no parameter to train"),
 ])
 def test_bad_settings_are_refused(changes: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -298,7 +323,8 @@ def test_cli_passes_the_persistent_settings(tmp_path, caplog: pytest.LogCaptureF
                  "--train-size", "128", "--val-size", "64", "--test-size", "8",
                  "--pool-size", "128", "--persistent-base", "gn", "--persistent-maxit", "2",
                  "--persistent-target", "none", "--persistent-low", "0.3",
-                 "--persistent-budget", "24", "--persistent-mined", "12", "--no-progress"])
+                 "--persistent-budget", "24", "--persistent-mined", "12",
+                 "--persistent-frozen", "features.0, regressor.5", "--no-progress"])
     assert code == 0
     result = json.loads(out_json.read_text())
     assert result["config"]["persistent_base"] == "gn"
@@ -306,6 +332,7 @@ def test_cli_passes_the_persistent_settings(tmp_path, caplog: pytest.LogCaptureF
     assert result["config"]["persistent_target"] is None
     assert result["config"]["persistent_low"] == 0.3
     assert (result["config"]["persistent_budget"], result["config"]["persistent_mined"]) == (24, 12)
+    assert result["config"]["persistent_frozen"] == ["features.0", "regressor.5"]
     history = result["methods"]["hard-persistent"]["history"]
     assert [h["solver_iterations"] for h in history] == [2, 2]
     assert "hard-persistent: 2 of 2 KKT solves stopped at the iteration limit" in caplog.text
@@ -313,7 +340,18 @@ def test_cli_passes_the_persistent_settings(tmp_path, caplog: pytest.LogCaptureF
     assert logging.getLogger("ccnn.hard.kkt").level == logging.NOTSET  # restored
 
 
+def test_cli_reads_the_frozen_modules() -> None:
+    parse = build_parser().parse_args
+    assert parse(["pose"]).persistent_frozen == PoseConfig().persistent_frozen == ("regressor.5",)
+    assert parse(["pose", "--persistent-frozen", "none"]).persistent_frozen == ()
+    assert parse(["pose", "--persistent-frozen", "features,regressor.1,"]).persistent_frozen == (
+        "features", "regressor.1")
+
+
 def test_cli_refuses_bad_options(tmp_path, capsys: pytest.CaptureFixture) -> None:
     code = main(["pose", "--iterations", "0", "--out", str(tmp_path)])
     assert code == 2
     assert "iterations must be a positive integer" in capsys.readouterr().err
+    code = main(["pose", "--persistent-frozen", "regressor.7", "--out", str(tmp_path)])
+    assert code == 2
+    assert "PoseNet has no submodule 'regressor.7'" in capsys.readouterr().err
