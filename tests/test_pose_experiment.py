@@ -340,6 +340,13 @@ def test_cli_passes_the_persistent_settings(tmp_path, caplog: pytest.LogCaptureF
     assert logging.getLogger("ccnn.hard.kkt").level == logging.NOTSET  # restored
 
 
+def test_a_config_leaves_the_global_random_state_alone() -> None:
+    """Checking persistent_frozen's names builds no weights: the global generator is untouched."""
+    state = torch.random.get_rng_state()
+    PoseConfig(persistent_frozen=("features.0", "regressor.5"))
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
 def test_cli_reads_the_frozen_modules() -> None:
     parse = build_parser().parse_args
     assert parse(["pose"]).persistent_frozen == PoseConfig().persistent_frozen == ("regressor.5",)

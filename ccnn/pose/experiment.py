@@ -212,7 +212,8 @@ class PoseConfig:
         if isinstance(frozen, str) or not all(isinstance(n, str) and n for n in frozen):
             raise ValueError(f"persistent_frozen must be a tuple of module names, got {frozen!r}")
         object.__setattr__(self, "persistent_frozen", tuple(frozen))
-        freeze(PoseNet(hidden=1, image_size=8), self.persistent_frozen)  # names checked now
+        with torch.device("meta"):  # the names checked now, on a network without data or RNG
+            freeze(PoseNet(hidden=1, image_size=8), self.persistent_frozen)
         for name in ("n_train", "n_val", "n_test", "n_pool", "heldout", "batch_size", "mined",
                      "candidates", "pretrain_epochs", "iterations", "eval_every", "budget",
                      "gn_maxit", "gn_batch", "target_maxit", "image_size", "hidden"):
