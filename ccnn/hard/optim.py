@@ -44,6 +44,13 @@ def _check_positive(value: object, message: str) -> None:
         raise ValueError(f"{message}: {value!r}")
 
 
+def _check_nonnegative(value: object, message: str) -> None:
+    """ValueError ``message: value`` unless ``value`` is a finite real number >= 0."""
+    ok = not isinstance(value, bool) and isinstance(value, int | float)
+    if not (ok and math.isfinite(value) and value >= 0):  # type: ignore[arg-type]
+        raise ValueError(f"{message}: {value!r}")
+
+
 def _check_share(value: object, message: str) -> None:
     """ValueError ``message: value`` unless ``value`` is a real number in (0, 1]."""
     ok = not isinstance(value, bool) and isinstance(value, int | float)
@@ -54,15 +61,11 @@ def _check_share(value: object, message: str) -> None:
 def _check_solver(rtol: object, maxit: object, correction: object, regularization: object
                   ) -> None:
     """The MINRES-QLP and constraint-block settings shared by the three optimizers."""
-    ok = not isinstance(rtol, bool) and isinstance(rtol, int | float)
-    if not (ok and math.isfinite(rtol) and rtol >= 0):  # type: ignore[arg-type]
-        raise ValueError(f"Invalid rtol (must be finite and >= 0): {rtol!r}")
+    _check_nonnegative(rtol, "Invalid rtol (must be finite and >= 0)")
     if maxit is not None and (isinstance(maxit, bool) or not isinstance(maxit, int) or maxit < 0):
         raise ValueError(f"Invalid maxit (must be None or an int >= 0): {maxit!r}")
     _check_share(correction, "Invalid correction (must be in (0, 1])")
-    ok = not isinstance(regularization, bool) and isinstance(regularization, int | float)
-    if not (ok and math.isfinite(regularization) and regularization >= 0):  # type: ignore[arg-type]
-        raise ValueError(f"Invalid regularization (must be finite and >= 0): {regularization!r}")
+    _check_nonnegative(regularization, "Invalid regularization (must be finite and >= 0)")
 
 
 class _HardOptimizer(torch.optim.Optimizer):
@@ -460,9 +463,7 @@ class TargetCorrection:
     def step(self, violation: float) -> float:
         """Set every group's ``correction`` for the next optimizer step from ``violation``
         (finite, ≥ 0) and return the first group's."""
-        ok = not isinstance(violation, bool) and isinstance(violation, int | float)
-        if not (ok and math.isfinite(violation) and violation >= 0):
-            raise ValueError(f"Invalid violation (must be finite and >= 0): {violation!r}")
+        _check_nonnegative(violation, "Invalid violation (must be finite and >= 0)")
         if self.threshold is None:
             self.threshold = self.target * violation
         reached = violation <= self.threshold

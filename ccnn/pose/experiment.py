@@ -89,8 +89,8 @@ THRESHOLDS = tuple(float(t) for t in torch.logspace(-5, -1, 25))
 class PoseConfig:
     """Settings of ``ccnn pose``. The constants were chosen on the validation split of seeds
     100 and 101, never used to report (docs/hard_experiments.md lists the runs they were chosen
-    from). The default run took 8 min 46 s on two CPU cores (seed 0, the machine otherwise
-    idle; stop 31).
+    from). The default run took 8 min 7 s on two CPU cores (seed 0, the machine otherwise
+    idle; stop 32).
 
     Attributes:
         seed: world of the synthetic data, initial weights and every random draw.
