@@ -268,7 +268,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_pose(sub: argparse._SubParsersAction) -> None:
-    from ccnn.pose.experiment import METHODS, PERSISTENT_BASES, PoseConfig
+    from ccnn.pose.experiment import METHODS, PERSISTENT_BASES, PERSISTENT_LR, PoseConfig
 
     d = PoseConfig()
     p = sub.add_parser(
@@ -308,11 +308,17 @@ def _add_pose(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--persistent-low", type=float, default=d.persistent_low,
                    help="the persistent method's correction once --persistent-target is "
                         f"reached, in (0, 1] (default {d.persistent_low:g})")
+    p.add_argument("--persistent-warmup", type=int, default=d.persistent_warmup,
+                   help="steps over which the persistent method's correction rises linearly to "
+                        f"--persistent-correction; 0 none (default {d.persistent_warmup})")
     p.add_argument("--persistent-budget", type=int, default=d.persistent_budget,
                    help=f"most samples in the persistent method's pool (default "
                         f"{d.persistent_budget})")
     p.add_argument("--persistent-mined", type=int, default=d.persistent_mined,
                    help=f"samples mined into that pool each step (default {d.persistent_mined})")
+    p.add_argument("--persistent-lr", type=float, default=None,
+                   help="learning rate of the persistent method's steps (default its base's: "
+                        + ", ".join(f"{b} {v:g}" for b, v in PERSISTENT_LR.items()) + ")")
     p.add_argument("--persistent-base", choices=PERSISTENT_BASES,
                    default=d.persistent_base,
                    help="the persistent method's step: Eq. 5, Eq. 10-12, Adam's step projected "

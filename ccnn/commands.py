@@ -328,10 +328,13 @@ def main_pose(args: argparse.Namespace) -> int:
     out_json = json_path(args.json)
     fields = ("seed", "iterations", "pretrain_epochs", "n_train", "n_val", "n_test", "n_pool",
               "h36m", "h36m_units", "persistent_correction", "persistent_target",
-              "persistent_low", "persistent_budget", "persistent_mined", "persistent_base",
-              "persistent_maxit", "persistent_frozen", "adam_bias_correction")
+              "persistent_low", "persistent_warmup", "persistent_budget", "persistent_mined",
+              "persistent_base", "persistent_maxit", "persistent_frozen", "adam_bias_correction")
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    cfg = PoseConfig(methods=methods, **{k: getattr(args, k) for k in fields})
+    lr = PoseConfig().lr
+    if args.persistent_lr is not None:
+        lr = {**lr, "hard-persistent": args.persistent_lr}
+    cfg = PoseConfig(methods=methods, lr=lr, **{k: getattr(args, k) for k in fields})
     # each step's unconverged KKT solve (by design a truncated one: maxit) is counted in its
     # method's summary line and JSON instead of a warning per step
     kkt_log = logging.getLogger("ccnn.hard.kkt")

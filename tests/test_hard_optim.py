@@ -349,6 +349,24 @@ def test_target_correction_switches_by_the_measured_violation() -> None:
     assert switch.threshold == pytest.approx(0.4)
 
 
+def test_target_correction_warms_up() -> None:
+    """With warmup W the k-th call caps α at high·(k + 1)/W, under the switch too (low below
+    the cap wins); target None never switches; the position survives state_dict."""
+    opt = HardSGD(mlp(0), lr=0.1, correction=0.8)
+    switch = TargetCorrection(opt, 0.5, low=0.3, warmup=4)
+    values = [switch.step(v) for v in (3.0, 0.1, 3.0, 0.1, 3.0, 0.1)]
+    assert values == pytest.approx([0.2, 0.3, 0.6, 0.3, 0.8, 0.3])
+    switch = TargetCorrection(HardSGD(mlp(0), correction=0.8), None, low=0.3, warmup=2)
+    assert [switch.step(v) for v in (3.0, 0.0, 0.0)] == pytest.approx([0.4, 0.8, 0.8])
+    switch = TargetCorrection(HardSGD(mlp(0), correction=0.8), None, low=0.3, warmup=5)
+    switch.step(1.0)
+    restored = TargetCorrection(HardSGD(mlp(0), correction=0.8), None, low=0.3)
+    restored.load_state_dict(switch.state_dict())
+    assert restored.step(1.0) == pytest.approx(0.8 * 2 / 5)
+    with pytest.raises(ValueError, match=re.escape("Invalid warmup (must be an int >= 0): -1")):
+        TargetCorrection(opt, None, low=0.3, warmup=-1)
+
+
 def test_target_correction_sets_the_share_the_next_step_removes() -> None:
     """After the switch the step removes the share ``low`` of the linearized violation:
     C + J·dw = (1 − low)·C, with J·dw by forward-mode AD (independent of the solver)."""
@@ -372,11 +390,12 @@ def test_target_correction_state_dict_and_errors() -> None:
     restored = TargetCorrection(HardSGD(mlp(0), correction=0.5), 0.9, low=0.9)
     restored.load_state_dict(switch.state_dict())
     assert restored.state_dict() == {"target": 0.2, "low": 0.1, "relative": True, "high": [0.5],
-                                     "threshold": pytest.approx(0.4)}
+                                     "threshold": pytest.approx(0.4), "warmup": 0, "calls": 1}
     assert restored.step(0.3) == 0.1 and restored.step(0.5) == 0.5
     with pytest.raises(ValueError, match="optimizer must be HardSGD, HardAdam or HardGaussNewton"):
         TargetCorrection(torch.optim.SGD(mlp(0).parameters(), lr=0.1), 0.1, low=0.1)
-    with pytest.raises(ValueError, match=re.escape("Invalid target (must be finite and > 0): 0")):
+    with pytest.raises(ValueError,
+                       match=re.escape("Invalid target (must be None, or finite and > 0): 0")):
         TargetCorrection(opt, 0, low=0.1)
     with pytest.raises(ValueError, match=re.escape("Invalid low (must be in (0, 1]): 1.5")):
         TargetCorrection(opt, 0.1, low=1.5)

@@ -114,7 +114,8 @@ def test_a_hard_step_meets_its_linearized_constraints(name: str, base: str) -> N
                         "gn_maxit": 3 if name == "hard-persistent" else 500,
                         "persistent_maxit": 500, "persistent_base": base,
                         "persistent_correction": 0.25,
-                        "lr": {"hard-sgd": 1e-3, "hard-adam": 1e-3, "hard-persistent": 1e-3}})
+                        "lr": {"hard-sgd": 1e-3, "hard-adam": 1e-3,
+                               **({} if base == "gn" else {"hard-persistent": 1e-3})}})
     data = load_data(cfg)
     torch.manual_seed(1)
     model = PoseNet(hidden=cfg.hidden, image_size=cfg.image_size).double()
@@ -136,11 +137,11 @@ def test_a_hard_step_meets_its_linearized_constraints(name: str, base: str) -> N
 
 @pytest.mark.parametrize("base", ["sgd", "adam", "adam-euclidean"])
 def test_the_persistent_learning_rate_follows_its_base(base: str) -> None:
-    """Without an lr of its own hard-persistent takes its base's (Eq. 5's 1e-3, the Adam steps'
-    1e-4); a given one wins; persistent_maxit sets its solves' limit (None: the base's); the
-    Euclidean base is HardAdam with Adam's own bias correction."""
+    """Without an lr of its own hard-persistent takes its base's (Eq. 5's 1e-3, Eq. 12's 1e-4,
+    the Euclidean Adam step's 2e-4); a given one wins; persistent_maxit sets its solves' limit
+    (None: the base's); the Euclidean base is HardAdam with Adam's own bias correction."""
     model = PoseNet(hidden=8, image_size=32)
-    defaults = {"sgd": 1e-3, "adam": 1e-4, "adam-euclidean": 1e-4}
+    defaults = {"sgd": 1e-3, "adam": 1e-4, "adam-euclidean": 2e-4}
     for lr, expected in (({}, defaults[base]), ({"hard-persistent": 0.5}, 0.5)):
         cfg = PoseConfig(**{**TINY, "persistent_base": base, "lr": {**PoseConfig().lr, **lr}})
         group = _Method("hard-persistent", model, cfg).optimizer.param_groups[0]
@@ -154,14 +155,18 @@ def test_the_persistent_learning_rate_follows_its_base(base: str) -> None:
         assert group["bias_correction"] == ("adam" if euclidean else "eq12")
 
 
-@pytest.mark.parametrize("target", [None, 10.0, 0.7])
-def test_the_persistent_correction_follows_the_heldout_violation(target: float | None) -> None:
+@pytest.mark.parametrize(("target", "warmup"), [(None, 0), (10.0, 0), (0.7, 0), (None, 4),
+                                                (0.7, 3)])
+def test_the_persistent_correction_follows_the_heldout_violation(target: float | None,
+                                                                 warmup: int) -> None:
     """With persistent_target τ each step of the persistent method takes α = persistent_low
     when the held-out median |C| measured just before it (for the first step, the start
     model's v0, computed here) is at most τ·v0, else persistent_correction; None keeps
-    persistent_correction (τ = 10 is reached at once)."""
+    persistent_correction (τ = 10 is reached at once). With persistent_warmup W step k (from
+    0) takes at most persistent_correction·(k + 1)/W."""
     cfg = PoseConfig(**{**TINY, "iterations": 6, "persistent_target": target,
-                        "persistent_correction": 0.9, "persistent_low": 0.2})
+                        "persistent_correction": 0.9, "persistent_low": 0.2,
+                        "persistent_warmup": warmup})
     data = load_data(cfg)
     torch.manual_seed(3)
     start = PoseNet(hidden=cfg.hidden, image_size=cfg.image_size)
@@ -170,12 +175,14 @@ def test_the_persistent_correction_follows_the_heldout_violation(target: float |
     history = run_method("hard-persistent", start, data, cfg, split="val")["history"]
     before = [v0] + [h["heldout_violation"] for h in history[:-1]]
     used = [h["correction"] for h in history]
-    if target is None:
-        assert used == [0.9] * 6
-    else:
-        assert used == [0.2 if v <= target * v0 else 0.9 for v in before]
+    switched = [0.9] * 6 if target is None else [0.2 if v <= target * v0 else 0.9
+                                                  for v in before]
+    caps = [0.9 * min(1, (k + 1) / warmup) if warmup else 0.9 for k in range(6)]
+    assert used == pytest.approx([min(a, c) for a, c in zip(switched, caps, strict=True)])
     if target == 10.0:
         assert used == [0.2] * 6
+    if (target, warmup) == (None, 4):
+        assert used == pytest.approx([0.225, 0.45, 0.675, 0.9, 0.9, 0.9])
 
 
 def test_the_persistent_pool_has_its_own_sizes() -> None:
@@ -262,6 +269,10 @@ def test_a_projected_targets_step_is_the_damped_least_squares_step_toward_symmet
     ({"persistent_correction": 0.0}, r"persistent_correction must be in \(0, 1\]"),
     ({"persistent_target": 0.0}, "persistent_target must be a positive number"),
     ({"persistent_low": 1.5}, r"persistent_low must be in \(0, 1\]"),
+    ({"persistent_base": "gn", "lr": {"hard-persistent": 1e-3}},
+     r"lr\['hard-persistent'\] has no effect with persistent_base 'gn'"),
+    ({"persistent_warmup": -1}, "persistent_warmup must be a non-negative integer, got -1"),
+    ({"persistent_warmup": 2.0}, "persistent_warmup must be a non-negative integer, got 2.0"),
     ({"persistent_base": "lbfgs"}, "persistent_base must be one of sgd, adam, adam-euclidean, gn"),
     ({"persistent_maxit": 0}, "persistent_maxit must be None or a positive integer"),
     ({"adam_bias_correction": "none"}, "adam_bias_correction must be 'eq12' or 'adam'"),
@@ -323,6 +334,7 @@ def test_cli_passes_the_persistent_settings(tmp_path, caplog: pytest.LogCaptureF
                  "--train-size", "128", "--val-size", "64", "--test-size", "8",
                  "--pool-size", "128", "--persistent-base", "gn", "--persistent-maxit", "2",
                  "--persistent-target", "none", "--persistent-low", "0.3",
+                 "--persistent-warmup", "3",
                  "--persistent-budget", "24", "--persistent-mined", "12",
                  "--persistent-frozen", "features.0, regressor.5", "--no-progress"])
     assert code == 0
@@ -331,6 +343,7 @@ def test_cli_passes_the_persistent_settings(tmp_path, caplog: pytest.LogCaptureF
     assert result["config"]["persistent_maxit"] == 2
     assert result["config"]["persistent_target"] is None
     assert result["config"]["persistent_low"] == 0.3
+    assert result["config"]["persistent_warmup"] == 3
     assert (result["config"]["persistent_budget"], result["config"]["persistent_mined"]) == (24, 12)
     assert result["config"]["persistent_frozen"] == ["features.0", "regressor.5"]
     history = result["methods"]["hard-persistent"]["history"]
@@ -345,6 +358,21 @@ def test_a_config_leaves_the_global_random_state_alone() -> None:
     state = torch.random.get_rng_state()
     PoseConfig(persistent_frozen=("features.0", "regressor.5"))
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_cli_sets_the_persistent_learning_rate(tmp_path) -> None:
+    """--persistent-lr reaches the run's config (lr['hard-persistent'], which the optimizer
+    takes: test_the_persistent_learning_rate_follows_its_base); without it none is set and the
+    base's default stands."""
+    args = ["pose", "--methods", "hard-persistent", "--iterations", "1", "--pretrain-epochs",
+            "1", "--train-size", "128", "--val-size", "64", "--test-size", "8", "--pool-size",
+            "128", "--persistent-maxit", "2", "--no-progress"]
+    for extra, expected in (([], None), (["--persistent-lr", "3e-4"], 3e-4)):
+        out_json = tmp_path / f"pose{len(extra)}.json"
+        code = main([*args, "--out", str(tmp_path / "run"), "--json", str(out_json), *extra])
+        assert code == 0
+        assert json.loads(out_json.read_text())["config"]["lr"].get("hard-persistent") == expected
+    assert build_parser().parse_args(["pose"]).persistent_lr is None
 
 
 def test_cli_reads_the_frozen_modules() -> None:

@@ -435,28 +435,42 @@ class TargetCorrection:
     (docs/hard_experiments.md); this lets a run stop paying once the violation it asked for is
     reached.
 
+    With ``warmup`` W, the ``k``-th call (from 0; one before each optimizer step) caps every
+    group's ``α`` at ``high·(k + 1)/W``: the first steps, where the violation and so the
+    correction is largest, remove a share that rises linearly to ``high`` (like a learning-rate
+    warm-up), and from the ``W``-th step on the switch alone sets it.
+
     Args:
         optimizer: a :class:`HardSGD`, :class:`HardAdam` or :class:`HardGaussNewton`.
         target: the violation to reach (> 0); with ``relative`` a share of the first
-            violation given to :meth:`step`.
+            violation given to :meth:`step`; None: never switched (only the warm-up).
         low: ``α`` in ``(0, 1]`` once the target is reached.
         relative: read ``target`` as a share of the first measured violation.
+        warmup: steps over which ``α`` rises to ``high`` (0 or 1: none).
 
     >>> import torch
     >>> opt = HardSGD(torch.nn.Linear(2, 1), lr=0.1, correction=0.5)
     >>> switch = TargetCorrection(opt, 0.1, low=0.1, relative=True)
     >>> [switch.step(v) for v in (2.0, 0.5, 0.15, 0.3)]
     [0.5, 0.5, 0.1, 0.5]
+    >>> switch = TargetCorrection(HardSGD(torch.nn.Linear(2, 1), correction=0.5), None,
+    ...                           low=0.1, warmup=4)
+    >>> [switch.step(v) for v in (2.0, 1.0, 0.5, 0.2, 0.1)]
+    [0.125, 0.25, 0.375, 0.5, 0.5]
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, target: float, *, low: float,
-                 relative: bool = False) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, target: float | None, *, low: float,
+                 relative: bool = False, warmup: int = 0) -> None:
         if not isinstance(optimizer, _HardOptimizer):
             raise ValueError(f"optimizer must be HardSGD, HardAdam or HardGaussNewton, got "
                              f"{type(optimizer).__name__}")
-        _check_positive(target, "Invalid target (must be finite and > 0)")
+        if target is not None:
+            _check_positive(target, "Invalid target (must be None, or finite and > 0)")
         _check_share(low, "Invalid low (must be in (0, 1])")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"Invalid warmup (must be an int >= 0): {warmup!r}")
         self.optimizer, self.target, self.low, self.relative = optimizer, target, low, relative
+        self.warmup, self.calls = warmup, 0
         self.high = [group["correction"] for group in optimizer.param_groups]
         self.threshold: float | None = None if relative else target
 
@@ -464,20 +478,23 @@ class TargetCorrection:
         """Set every group's ``correction`` for the next optimizer step from ``violation``
         (finite, ≥ 0) and return the first group's."""
         _check_nonnegative(violation, "Invalid violation (must be finite and >= 0)")
-        if self.threshold is None:
+        if self.threshold is None and self.target is not None:
             self.threshold = self.target * violation
-        reached = violation <= self.threshold
+        reached = self.threshold is not None and violation <= self.threshold
+        ramp = min(1.0, (self.calls + 1) / self.warmup) if self.warmup else 1.0
+        self.calls += 1
         for group, high in zip(self.optimizer.param_groups, self.high, strict=True):
-            group["correction"] = self.low if reached else high
+            group["correction"] = min(self.low if reached else high, high * ramp)
         return self.optimizer.param_groups[0]["correction"]
 
     def state_dict(self) -> dict[str, Any]:
-        """The settings and the threshold in absolute units (None before a relative target's
-        first violation)."""
+        """The settings, the threshold in absolute units (None before a relative target's
+        first violation) and the calls so far (the warm-up's position)."""
         return {"target": self.target, "low": self.low, "relative": self.relative,
-                "high": list(self.high), "threshold": self.threshold}
+                "high": list(self.high), "threshold": self.threshold, "warmup": self.warmup,
+                "calls": self.calls}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
-        for key in ("target", "low", "relative", "high", "threshold"):
+        for key in ("target", "low", "relative", "high", "threshold", "warmup", "calls"):
             setattr(self, key, state_dict[key])
