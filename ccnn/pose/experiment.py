@@ -89,8 +89,8 @@ THRESHOLDS = tuple(float(t) for t in torch.logspace(-5, -1, 25))
 class PoseConfig:
     """Settings of ``ccnn pose``. The constants were chosen on the validation split of seeds
     100 and 101, never used to report (docs/hard_experiments.md lists the runs they were chosen
-    from). The default run took 8 min 7 s on two CPU cores (seed 0, the machine otherwise
-    idle; stop 32).
+    from). The default run took 5 min 33 s on two CPU cores (seed 0, the machine otherwise
+    idle; stop 33; 8 min 7 s with stop 32's default on a slower day).
 
     Attributes:
         seed: world of the synthetic data, initial weights and every random draw.
