@@ -363,6 +363,9 @@ def test_target_correction_warms_up() -> None:
     restored = TargetCorrection(HardSGD(mlp(0), correction=0.8), None, low=0.3)
     restored.load_state_dict(switch.state_dict())
     assert restored.step(1.0) == pytest.approx(0.8 * 2 / 5)
+    old = {k: v for k, v in switch.state_dict().items() if k not in ("warmup", "calls")}
+    restored.load_state_dict(old)  # written before the warm-up existed: none
+    assert (restored.warmup, restored.calls, restored.step(1.0)) == (0, 0, 0.8)
     with pytest.raises(ValueError, match=re.escape("Invalid warmup (must be an int >= 0): -1")):
         TargetCorrection(opt, None, low=0.3, warmup=-1)
 

@@ -495,6 +495,8 @@ class TargetCorrection:
                 "calls": self.calls}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        for key in ("target", "low", "relative", "high", "threshold", "warmup", "calls"):
+        """Restore what :meth:`state_dict` returned (one written before the warm-up existed
+        resumes without one)."""
+        for key in ("target", "low", "relative", "high", "threshold"):
             setattr(self, key, state_dict[key])
+        self.warmup, self.calls = state_dict.get("warmup", 0), state_dict.get("calls", 0)
