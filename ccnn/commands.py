@@ -323,7 +323,7 @@ def _pose_table(methods: dict[str, dict], reference: str = "soft-adam") -> list[
 def main_pose(args: argparse.Namespace) -> int:
     """``ccnn pose``: every method on the pose-symmetry constraints; prints the table."""
     from ccnn.io import json_path, write_json
-    from ccnn.pose.experiment import PoseConfig, run_pose
+    from ccnn.pose.experiment import PoseConfig, run_pose, with_overrides
 
     out_json = json_path(args.json)
     fields = ("seed", "iterations", "pretrain_epochs", "n_train", "n_val", "n_test", "n_pool",
@@ -331,10 +331,9 @@ def main_pose(args: argparse.Namespace) -> int:
               "persistent_low", "persistent_warmup", "persistent_budget", "persistent_mined",
               "persistent_base", "persistent_maxit", "persistent_frozen", "adam_bias_correction")
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    lr = PoseConfig().lr
+    cfg = PoseConfig(methods=methods, **{k: getattr(args, k) for k in fields})
     if args.persistent_lr is not None:
-        lr = {**lr, "hard-persistent": args.persistent_lr}
-    cfg = PoseConfig(methods=methods, lr=lr, **{k: getattr(args, k) for k in fields})
+        cfg = with_overrides(cfg, lr={"hard-persistent": args.persistent_lr})
     # each step's unconverged KKT solve (by design a truncated one: maxit) is counted in its
     # method's summary line and JSON instead of a warning per step
     kkt_log = logging.getLogger("ccnn.hard.kkt")

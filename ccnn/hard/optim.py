@@ -51,6 +51,12 @@ def _check_nonnegative(value: object, message: str) -> None:
         raise ValueError(f"{message}: {value!r}")
 
 
+def _check_count(value: object, message: str) -> None:
+    """ValueError ``message: value`` unless ``value`` is an int >= 0 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{message}: {value!r}")
+
+
 def _check_share(value: object, message: str) -> None:
     """ValueError ``message: value`` unless ``value`` is a real number in (0, 1]."""
     ok = not isinstance(value, bool) and isinstance(value, int | float)
@@ -62,8 +68,8 @@ def _check_solver(rtol: object, maxit: object, correction: object, regularizatio
                   ) -> None:
     """The MINRES-QLP and constraint-block settings shared by the three optimizers."""
     _check_nonnegative(rtol, "Invalid rtol (must be finite and >= 0)")
-    if maxit is not None and (isinstance(maxit, bool) or not isinstance(maxit, int) or maxit < 0):
-        raise ValueError(f"Invalid maxit (must be None or an int >= 0): {maxit!r}")
+    if maxit is not None:
+        _check_count(maxit, "Invalid maxit (must be None or an int >= 0)")
     _check_share(correction, "Invalid correction (must be in (0, 1])")
     _check_nonnegative(regularization, "Invalid regularization (must be finite and >= 0)")
 
@@ -467,8 +473,7 @@ class TargetCorrection:
         if target is not None:
             _check_positive(target, "Invalid target (must be None, or finite and > 0)")
         _check_share(low, "Invalid low (must be in (0, 1])")
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-            raise ValueError(f"Invalid warmup (must be an int >= 0): {warmup!r}")
+        _check_count(warmup, "Invalid warmup (must be an int >= 0)")
         self.optimizer, self.target, self.low, self.relative = optimizer, target, low, relative
         self.warmup, self.calls = warmup, 0
         self.high = [group["correction"] for group in optimizer.param_groups]

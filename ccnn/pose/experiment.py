@@ -391,11 +391,9 @@ class _Method:
             self.multipliers = IndexedMultipliers(cfg.n_pool, 6)
             rho = cfg.dual_rho
             self.dual = DualAscent(self.multipliers, rho=rho)
-        self.switch = None
-        if persistent and (cfg.persistent_target is not None or cfg.persistent_warmup > 1):
-            self.switch = TargetCorrection(self.optimizer, cfg.persistent_target,
-                                           low=cfg.persistent_low, relative=True,
-                                           warmup=cfg.persistent_warmup)
+        self.switch = TargetCorrection(
+            self.optimizer, cfg.persistent_target, low=cfg.persistent_low, relative=True,
+            warmup=cfg.persistent_warmup) if persistent else None
 
     def observe(self, heldout_violation: float) -> None:
         """The held-out median |C| before the first step and after each: sets the persistent
