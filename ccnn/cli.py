@@ -311,6 +311,10 @@ def _add_pose(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--persistent-warmup", type=int, default=d.persistent_warmup,
                    help="steps over which the persistent method's correction rises linearly to "
                         f"--persistent-correction; 0 none (default {d.persistent_warmup})")
+    p.add_argument("--persistent-data-steps", type=int, default=d.persistent_data_steps,
+                   help="data steps of the persistent method per iteration, each on its own "
+                        "labelled batch, the last one projected onto the constraints "
+                        f"(default {d.persistent_data_steps})")
     p.add_argument("--persistent-budget", type=int, default=d.persistent_budget,
                    help=f"most samples in the persistent method's pool (default "
                         f"{d.persistent_budget})")

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from ccnn.cli import build_parser, main
+from ccnn.hard import HardAdam
 from ccnn.pose.experiment import (
     METHODS,
     THRESHOLDS,
@@ -20,12 +21,13 @@ from ccnn.pose.experiment import (
     _Method,
     evaluate,
     fine_tune,
+    freeze,
     load_data,
     run_method,
     run_pose,
     train_unconstrained,
 )
-from ccnn.pose.model import PoseNet
+from ccnn.pose.model import PoseNet, pose_loss
 from ccnn.pose.skeleton import symmetrize, symmetry_residuals
 
 TINY = {"n_train": 48, "n_val": 16, "n_test": 16, "n_pool": 48, "heldout": 8, "batch_size": 16,
@@ -185,6 +187,40 @@ def test_the_persistent_correction_follows_the_heldout_violation(target: float |
         assert used == pytest.approx([0.225, 0.45, 0.675, 0.9, 0.9, 0.9])
 
 
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_the_persistent_data_steps_precede_the_projected_step(steps: int) -> None:
+    """With persistent_data_steps k an iteration of the persistent method draws k labelled
+    batches at once, takes Adam's plain step on each of the first k − 1 and the projected step
+    (on the pool, α 0.4) on the last: rebuilt here from the generator, the pool and HardAdam
+    directly, the run ends at the same weights (its validation error and violation)."""
+    cfg = PoseConfig(**{**TINY, "iterations": 1, "persistent_data_steps": steps})
+    data = load_data(cfg)
+    torch.manual_seed(5)
+    start = PoseNet(hidden=cfg.hidden, image_size=cfg.image_size)
+    record = run_method("hard-persistent", start, data, cfg, split="val")
+
+    model = copy.deepcopy(start)
+    freeze(model, cfg.persistent_frozen)
+    optimizer = HardAdam(model, lr=2e-4, rtol=cfg.rtol, maxit=cfg.persistent_maxit,
+                         bias_correction="adam", metric="euclidean", correction=0.4)
+    generator = torch.Generator().manual_seed(cfg.seed + 1)
+    chooser = _chooser("hard-persistent", cfg, generator)
+    batch = torch.randint(len(data["train_x"]), (steps * cfg.batch_size,), generator=generator)
+    with torch.no_grad():
+        idx = chooser.select(lambda i: symmetry_residuals(model(data["pool_x"][i]), relative=True))
+    xs, ys = data["train_x"][batch], data["train_y"][batch]
+    for k in range(steps):
+        x, y = xs[k * cfg.batch_size:(k + 1) * cfg.batch_size], ys[k * cfg.batch_size:
+                                                                    (k + 1) * cfg.batch_size]
+        constraints = None if k < steps - 1 else (
+            lambda net: symmetry_residuals(net(data["pool_x"][idx]), relative=True))
+        optimizer.step(lambda net, x=x, y=y: pose_loss(net(x), y), constraints)
+    expected = evaluate(model, data["val_x"], data["val_y"])
+    assert record["mean_joint_error"] == pytest.approx(expected["mean_joint_error"], rel=1e-6)
+    assert record["median_violation"] == pytest.approx(expected["median_violation"], rel=1e-6)
+    assert int(optimizer.state[next(iter(optimizer.state))]["step"]) == steps
+
+
 def test_the_persistent_pool_has_its_own_sizes() -> None:
     """hard-persistent's pool holds persistent_budget samples and mines persistent_mined a
     step (64 and 32 by default); projected-targets and the mined methods keep budget and
@@ -273,6 +309,10 @@ def test_a_projected_targets_step_is_the_damped_least_squares_step_toward_symmet
      r"lr\['hard-persistent'\] has no effect with persistent_base 'gn'"),
     ({"persistent_warmup": -1}, "persistent_warmup must be a non-negative integer, got -1"),
     ({"persistent_warmup": 2.0}, "persistent_warmup must be a non-negative integer, got 2.0"),
+    ({"persistent_data_steps": 0}, "persistent_data_steps must be a positive integer, got 0"),
+    ({"persistent_data_steps": True}, "persistent_data_steps must be a positive integer"),
+    ({"persistent_base": "gn", "persistent_data_steps": 2},
+     "persistent_data_steps > 1 needs a persistent_base with a data step of its own"),
     ({"persistent_base": "lbfgs"}, "persistent_base must be one of sgd, adam, adam-euclidean, gn"),
     ({"persistent_maxit": 0}, "persistent_maxit must be None or a positive integer"),
     ({"adam_bias_correction": "none"}, "adam_bias_correction must be 'eq12' or 'adam'"),
@@ -363,7 +403,7 @@ def test_a_config_leaves_the_global_random_state_alone() -> None:
 def test_cli_sets_the_persistent_learning_rate(tmp_path) -> None:
     """--persistent-lr reaches the run's config (lr['hard-persistent'], which the optimizer
     takes: test_the_persistent_learning_rate_follows_its_base); without it none is set and the
-    base's default stands."""
+    base's default stands. --persistent-data-steps reaches it too."""
     args = ["pose", "--methods", "hard-persistent", "--iterations", "1", "--pretrain-epochs",
             "1", "--train-size", "128", "--val-size", "64", "--test-size", "8", "--pool-size",
             "128", "--persistent-maxit", "2", "--no-progress"]
@@ -373,6 +413,10 @@ def test_cli_sets_the_persistent_learning_rate(tmp_path) -> None:
         assert code == 0
         assert json.loads(out_json.read_text())["config"]["lr"].get("hard-persistent") == expected
     assert build_parser().parse_args(["pose"]).persistent_lr is None
+    out_json = tmp_path / "steps.json"
+    assert main([*args, "--out", str(tmp_path / "run"), "--json", str(out_json),
+                 "--persistent-data-steps", "2"]) == 0
+    assert json.loads(out_json.read_text())["config"]["persistent_data_steps"] == 2
 
 
 def test_cli_reads_the_frozen_modules() -> None:

@@ -133,6 +133,12 @@ class PoseConfig:
             :class:`ccnn.hard.TargetCorrection`); 0, from the first step (on validation 5
             steps lowered the mean error ratio but met both targets on fewer tuning seeds:
             docs/hard_experiments.md, stop 33).
+        persistent_data_steps: data steps of the persistent method per iteration: the first
+            ``k − 1`` its base's plain step (no constraint rows) on labelled batches of their
+            own, the last the projected step on a further batch, so that each correction
+            (the costly solve) is followed by more of the data gradient that repairs the error
+            it causes; 1, the paper's one step per iteration. Each iteration then draws ``k``
+            labelled batches (``k · batch_size`` samples). Not with the ``"gn"`` base.
         adam_bias_correction: ``"eq12"`` (as printed) or ``"adam"`` for the Adam-based hard
             steps (:class:`ccnn.hard.HardAdam`).
         persistent_base: the step of the persistent-pool method: ``"sgd"`` (Eq. 5),
@@ -200,6 +206,7 @@ class PoseConfig:
     persistent_target: float | None = 0.05
     persistent_low: float = 0.1
     persistent_warmup: int = 0
+    persistent_data_steps: int = 1
     adam_bias_correction: str = "eq12"
     persistent_base: str = "adam-euclidean"
     persistent_maxit: int | None = 40
@@ -223,7 +230,8 @@ class PoseConfig:
             freeze(PoseNet(hidden=1, image_size=8), self.persistent_frozen)
         for name in ("n_train", "n_val", "n_test", "n_pool", "heldout", "batch_size", "mined",
                      "candidates", "pretrain_epochs", "iterations", "eval_every", "budget",
-                     "gn_maxit", "gn_batch", "target_maxit", "image_size", "hidden"):
+                     "gn_maxit", "gn_batch", "target_maxit", "image_size", "hidden",
+                     "persistent_data_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -277,6 +285,9 @@ class PoseConfig:
         if "hard-persistent" in self.lr and self.persistent_base == "gn":
             raise ValueError("lr['hard-persistent'] has no effect with persistent_base 'gn' "
                              "(Eq. 6's step has no learning rate: set gn_damping)")
+        if self.persistent_data_steps > 1 and self.persistent_base == "gn":
+            raise ValueError("persistent_data_steps > 1 needs a persistent_base with a data "
+                             "step of its own ('sgd', 'adam' or 'adam-euclidean'), not 'gn'")
         for method in self.methods:
             if method not in METHODS:
                 raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -287,6 +298,10 @@ class PoseConfig:
             return (self.budget if self.persistent_budget is None else self.persistent_budget,
                     self.mined if self.persistent_mined is None else self.persistent_mined)
         return self.budget, self.mined
+
+    def data_steps(self, name: str) -> int:
+        """Labelled batches method ``name`` takes per iteration (one step on each)."""
+        return self.persistent_data_steps if name == "hard-persistent" else 1
 
 
 def _check_positive(name: str, value: float) -> None:
@@ -408,12 +423,12 @@ class _Method:
         if self.name == "projected-targets":
             return self._target_step(x, y, xc)
         if self.name in HARD:
+            x, y = self._data_steps(x, y)
+
             def constraints(net: Callable) -> Tensor:
                 return symmetry_residuals(net(xc), relative=cfg.relative)
 
-            def loss(net: Callable) -> Tensor:
-                return pose_loss(net(x), y)
-
+            loss = _data_loss(x, y)
             if self.gauss_newton:
                 xg, yg = x[:cfg.gn_batch], y[:cfg.gn_batch]
                 scale = math.sqrt(2.0 / yg.numel())  # ½‖r‖² = Eq. 14's mean squared error
@@ -443,6 +458,15 @@ class _Method:
             stats["multiplier_norm"] = info.multiplier_norm
         return stats
 
+    def _data_steps(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The plain data steps that precede the projected one (``cfg.data_steps``): one per
+        labelled batch of ``x`` but the last, which is returned for the projected step."""
+        batches = self.cfg.data_steps(self.name)
+        xs, ys = x.chunk(batches), y.chunk(batches)
+        for xb, yb in zip(xs[:-1], ys[:-1], strict=True):
+            self.optimizer.step(_data_loss(xb, yb))
+        return xs[-1], ys[-1]
+
     def _target_step(self, x: Tensor, y: Tensor, xc: Tensor) -> dict:
         """Eq. 6 without constraint rows on ``r = (f(xc) − T)/√n``: the pooled outputs pulled
         toward ``T``, symmetric poses near them (fixed at the step's start)."""
@@ -454,6 +478,11 @@ class _Method:
         result = self.optimizer.step(lambda net: (net(xc) - targets).reshape(-1) * scale,
                                      loss=lambda net: pose_loss(net(x), y))
         return _solver_stats(result, C)
+
+
+def _data_loss(x: Tensor, y: Tensor) -> Callable[[Callable], Tensor]:
+    """Eq. 14's loss of the network on the labelled batch ``(x, y)``, as a hard step takes it."""
+    return lambda net: pose_loss(net(x), y)
 
 
 def _solver_stats(result: KKTStep, C: Tensor) -> dict:
@@ -495,7 +524,8 @@ def run_method(name: str, start: nn.Module, data: dict[str, Tensor], cfg: PoseCo
 def fine_tune(name: str, model: nn.Module, step: Step, data: dict[str, Tensor], cfg: PoseConfig,
               progress: bool = False, split: str = "test",
               observe: Callable[[float], None] | None = None) -> dict:
-    """The iterations every fine-tuning method shares: each draws a labelled batch, mines the
+    """The iterations every fine-tuning method shares: each draws a labelled batch
+    (``cfg.data_steps(name)`` of them for the persistent method), mines the
     constraint samples (Eq. 9, or the persistent pool for ``hard-persistent``), calls ``step``
     and logs the held-out violation, which ``observe`` (if given) also receives, once before
     the first step and after each; the test curve every ``cfg.eval_every`` iterations. Returns
@@ -516,7 +546,8 @@ def fine_tune(name: str, model: nn.Module, step: Step, data: dict[str, Tensor], 
     with ProgressBar(progress, cfg.iterations, name) as bar:
         for it in range(cfg.iterations):
             start_time = time.perf_counter()
-            batch = torch.randint(n, (cfg.batch_size,), generator=generator)
+            batch = torch.randint(n, (cfg.batch_size * cfg.data_steps(name),),
+                                  generator=generator)
             with torch.no_grad():
                 idx = chooser.select(
                     lambda i: symmetry_residuals(model(pool[i]), relative=cfg.relative))
