@@ -89,9 +89,10 @@ THRESHOLDS = tuple(float(t) for t in torch.logspace(-5, -1, 25))
 @dataclass(frozen=True)
 class PoseConfig:
     """Settings of ``ccnn pose``. The constants were chosen on the validation split of seeds
-    100 and 101, never used to report (docs/hard_experiments.md lists the runs they were chosen
-    from). The default run took 6 min 9 s on two CPU cores (seed 0, the machine otherwise
-    idle; stop 34; 8 min 7 s with stop 32's default on a slower day).
+    100 and 101 (since stop 33 also 30 and 32), never used to report (docs/hard_experiments.md
+    lists the runs they were chosen from). The default run took 6 min 9 s on two CPU cores
+    (seed 0, the machine otherwise idle; stop 34; 8 min 7 s with stop 32's default on a slower
+    day).
 
     Attributes:
         seed: world of the synthetic data, initial weights and every random draw.
@@ -423,7 +424,8 @@ class _Method:
         if self.name == "projected-targets":
             return self._target_step(x, y, xc)
         if self.name in HARD:
-            xs, ys = x.chunk(cfg.data_steps(self.name)), y.chunk(cfg.data_steps(self.name))
+            steps = cfg.data_steps(self.name)
+            xs, ys = x.chunk(steps), y.chunk(steps)
             for xb, yb in zip(xs[:-1], ys[:-1], strict=True):  # the plain data steps first
                 self._hard_step(xb, yb, None)
             result = self._hard_step(xs[-1], ys[-1], lambda net: symmetry_residuals(
