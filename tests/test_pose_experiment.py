@@ -237,12 +237,12 @@ def test_the_persistent_data_steps_precede_the_projected_step(base: str, steps: 
 
 def test_the_persistent_pool_has_its_own_sizes() -> None:
     """hard-persistent's pool holds persistent_budget samples and mines persistent_mined a
-    step (64 and 32 by default); projected-targets and the mined methods keep budget and
+    step (128 and 64 by default); projected-targets and the mined methods keep budget and
     mined; None falls back to them."""
     cfg = PoseConfig()
     generator = torch.Generator().manual_seed(0)
     pool = _chooser("hard-persistent", cfg, generator)
-    assert (pool.budget, pool.k_new) == (64, 32)
+    assert (pool.budget, pool.k_new) == (128, 64)
     targets = _chooser("projected-targets", cfg, generator)
     assert (targets.budget, targets.k_new) == (cfg.budget, cfg.mined) == (32, 16)
     assert _chooser("soft-adam", cfg, generator).k == 16
