@@ -279,7 +279,7 @@ def _add_pose(sub: argparse._SubParsersAction) -> None:
                     "Hard-SGD, Hard-Adam, Hard-Gauss-Newton, the persistent-pool hard method and "
                     "projected targets (the pool pulled toward symmetric poses); report mean "
                     "joint error and constraint violation on the test split and draw Fig. 2a "
-                    "and 2b (docs/hard_experiments.md: 5-9 minutes on two CPU cores).")
+                    "and 2b (docs/hard_experiments.md: 6-9 minutes on two CPU cores).")
     p.add_argument("--out", default="runs/pose", help="folder for the figure (default "
                                                       "runs/pose)")
     p.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")

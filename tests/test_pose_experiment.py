@@ -427,8 +427,8 @@ def test_cli_sets_the_persistent_learning_rate(tmp_path) -> None:
     assert build_parser().parse_args(["pose"]).persistent_lr is None
     out_json = tmp_path / "steps.json"
     assert main([*args, "--out", str(tmp_path / "run"), "--json", str(out_json),
-                 "--persistent-data-steps", "2"]) == 0
-    assert json.loads(out_json.read_text())["config"]["persistent_data_steps"] == 2
+                 "--persistent-data-steps", "3"]) == 0  # not the default (2)
+    assert json.loads(out_json.read_text())["config"]["persistent_data_steps"] == 3
 
 
 def test_cli_reads_the_frozen_modules() -> None:
