@@ -315,6 +315,10 @@ def _add_pose(sub: argparse._SubParsersAction) -> None:
                    help="data steps of the persistent method per iteration, each on its own "
                         "labelled batch, the last one projected onto the constraints "
                         f"(default {d.persistent_data_steps})")
+    p.add_argument("--persistent-final", type=int, default=d.persistent_final,
+                   help="last iterations of the persistent method that take the projected step "
+                        "alone at the full correction (1), without a plain data step before it "
+                        f"(default {d.persistent_final})")
     p.add_argument("--persistent-budget", type=int, default=d.persistent_budget,
                    help=f"most samples in the persistent method's pool (default "
                         f"{d.persistent_budget})")

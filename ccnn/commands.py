@@ -328,7 +328,7 @@ def main_pose(args: argparse.Namespace) -> int:
     out_json = json_path(args.json)
     fields = ("seed", "iterations", "pretrain_epochs", "n_train", "n_val", "n_test", "n_pool",
               "h36m", "h36m_units", "persistent_correction", "persistent_target",
-              "persistent_low", "persistent_warmup", "persistent_data_steps",
+              "persistent_low", "persistent_warmup", "persistent_data_steps", "persistent_final",
               "persistent_budget", "persistent_mined",
               "persistent_base", "persistent_maxit", "persistent_frozen", "adam_bias_correction")
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())

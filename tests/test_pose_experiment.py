@@ -235,6 +235,43 @@ def test_the_persistent_data_steps_precede_the_projected_step(base: str, steps: 
     assert record["median_violation"] == pytest.approx(expected["median_violation"], rel=1e-6)
 
 
+def test_the_persistent_final_iterations_take_one_full_correction() -> None:
+    """With persistent_final m the persistent method's last m iterations draw one labelled
+    batch and take the projected step alone at α = 1 (the earlier ones as before: a plain data
+    step, then the projected step at persistent_correction): rebuilt here from the generator,
+    the pool and the optimizer directly, the run ends at the same weights."""
+    cfg = PoseConfig(**{**TINY, "iterations": 3, "persistent_final": 2,
+                        "persistent_data_steps": 2, "persistent_target": None})
+    data = load_data(cfg)
+    torch.manual_seed(6)
+    start = PoseNet(hidden=cfg.hidden, image_size=cfg.image_size)
+    record = run_method("hard-persistent", start, data, cfg, split="val")
+    assert [h["correction"] for h in record["history"]] == [cfg.persistent_correction, 1.0, 1.0]
+
+    model = copy.deepcopy(start)
+    freeze(model, cfg.persistent_frozen)
+    optimizer = HardAdam(model, lr=2e-4, rtol=cfg.rtol, maxit=cfg.persistent_maxit,
+                         bias_correction="adam", metric="euclidean",
+                         correction=cfg.persistent_correction)
+    generator = torch.Generator().manual_seed(cfg.seed + 1)
+    chooser = _chooser("hard-persistent", cfg, generator)
+    pool, b = data["pool_x"], cfg.batch_size
+    for steps, alpha in ((2, cfg.persistent_correction), (1, 1.0), (1, 1.0)):
+        batch = torch.randint(len(data["train_x"]), (steps * b,), generator=generator)
+        with torch.no_grad():
+            idx = chooser.select(lambda i: symmetry_residuals(model(pool[i]), relative=True))
+        optimizer.param_groups[0]["correction"] = alpha
+        for k in range(steps):
+            part = batch[k * b:(k + 1) * b]
+            x, y = data["train_x"][part], data["train_y"][part]
+            constraints = None if k < steps - 1 else (
+                lambda net, idx=idx: symmetry_residuals(net(pool[idx]), relative=True))
+            optimizer.step(lambda net, x=x, y=y: pose_loss(net(x), y), constraints)
+    expected = evaluate(model, data["val_x"], data["val_y"])
+    assert record["mean_joint_error"] == pytest.approx(expected["mean_joint_error"], rel=1e-6)
+    assert record["median_violation"] == pytest.approx(expected["median_violation"], rel=1e-6)
+
+
 def test_the_persistent_pool_has_its_own_sizes() -> None:
     """hard-persistent's pool holds persistent_budget samples and mines persistent_mined a
     step (128 and 64 by default); projected-targets and the mined methods keep budget and
@@ -323,6 +360,8 @@ def test_a_projected_targets_step_is_the_damped_least_squares_step_toward_symmet
      r"lr\['hard-persistent'\] has no effect with persistent_base 'gn'"),
     ({"persistent_warmup": -1}, "persistent_warmup must be a non-negative integer, got -1"),
     ({"persistent_warmup": 2.0}, "persistent_warmup must be a non-negative integer, got 2.0"),
+    ({"persistent_final": -1}, "persistent_final must be a non-negative integer, got -1"),
+    ({"persistent_final": 4}, r"persistent_final \(4\) cannot exceed iterations \(3\)"),
     ({"persistent_data_steps": 0}, "persistent_data_steps must be a positive integer, got 0"),
     ({"persistent_data_steps": True}, "persistent_data_steps must be a positive integer"),
     ({"persistent_base": "lbfgs"}, "persistent_base must be one of sgd, adam, adam-euclidean, gn"),
@@ -429,6 +468,9 @@ def test_cli_sets_the_persistent_learning_rate(tmp_path) -> None:
     assert main([*args, "--out", str(tmp_path / "run"), "--json", str(out_json),
                  "--persistent-data-steps", "3"]) == 0  # not the default (2)
     assert json.loads(out_json.read_text())["config"]["persistent_data_steps"] == 3
+    assert main([*args, "--out", str(tmp_path / "run"), "--json", str(out_json),
+                 "--persistent-final", "1"]) == 0  # not the default
+    assert json.loads(out_json.read_text())["config"]["persistent_final"] == 1
 
 
 def test_cli_reads_the_frozen_modules() -> None:

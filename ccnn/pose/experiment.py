@@ -143,6 +143,10 @@ class PoseConfig:
             (docs/hard_experiments.md, stop 34); 1 is the paper's one step per iteration. Each
             iteration draws ``k`` labelled batches (``k · batch_size`` samples); with the
             ``"gn"`` base the plain step is Eq. 6 without constraint rows.
+        persistent_final: the persistent method's last this many iterations take the
+            projected step alone (one labelled batch, no plain data step before it) at the
+            full correction ``α = 1`` of Eq. 5, whatever the switch says: the run ends on
+            corrections rather than on data steps that lift the violation back up. 0 none.
         adam_bias_correction: ``"eq12"`` (as printed) or ``"adam"`` for the Adam-based hard
             steps (:class:`ccnn.hard.HardAdam`).
         persistent_base: the step of the persistent-pool method: ``"sgd"`` (Eq. 5),
@@ -211,6 +215,7 @@ class PoseConfig:
     persistent_low: float = 0.1
     persistent_warmup: int = 0
     persistent_data_steps: int = 2
+    persistent_final: int = 0
     adam_bias_correction: str = "eq12"
     persistent_base: str = "adam-euclidean"
     persistent_maxit: int | None = 40
@@ -245,10 +250,13 @@ class PoseConfig:
         if self.gn_batch > self.batch_size:
             raise ValueError(f"gn_batch ({self.gn_batch}) cannot exceed batch_size "
                              f"({self.batch_size})")
-        if (isinstance(self.persistent_warmup, bool) or not isinstance(self.persistent_warmup, int)
-                or self.persistent_warmup < 0):
-            raise ValueError(f"persistent_warmup must be a non-negative integer, got "
-                             f"{self.persistent_warmup!r}")
+        for name in ("persistent_warmup", "persistent_final"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.persistent_final > self.iterations:
+            raise ValueError(f"persistent_final ({self.persistent_final}) cannot exceed "
+                             f"iterations ({self.iterations})")
         for name in ("persistent_budget", "persistent_mined", "persistent_maxit"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
@@ -300,9 +308,16 @@ class PoseConfig:
                     self.mined if self.persistent_mined is None else self.persistent_mined)
         return self.budget, self.mined
 
-    def data_steps(self, name: str) -> int:
-        """Labelled batches method ``name`` takes per iteration (one step on each)."""
-        return self.persistent_data_steps if name == "hard-persistent" else 1
+    def final(self, name: str, iteration: int) -> bool:
+        """Whether iteration ``iteration`` (from 0) of method ``name`` is one of the persistent
+        method's ``persistent_final`` last ones."""
+        return name == "hard-persistent" and iteration >= self.iterations - self.persistent_final
+
+    def data_steps(self, name: str, iteration: int) -> int:
+        """Labelled batches method ``name`` takes at iteration ``iteration`` (one step on each)."""
+        if name != "hard-persistent" or self.final(name, iteration):
+            return 1
+        return self.persistent_data_steps
 
 
 def _check_positive(name: str, value: float) -> None:
@@ -375,6 +390,7 @@ class _Method:
 
     def __init__(self, name: str, model: nn.Module, cfg: PoseConfig) -> None:
         self.name, self.model, self.cfg = name, model, cfg
+        self.iteration = 0  # the steps taken so far
         persistent = name == "hard-persistent"
         lr = cfg.lr.get(name, PERSISTENT_LR.get(cfg.persistent_base) if persistent else None)
         alpha = cfg.persistent_correction if persistent else 1.0
@@ -423,8 +439,12 @@ class _Method:
         cfg = self.cfg
         if self.name == "projected-targets":
             return self._target_step(x, y, xc)
+        iteration, self.iteration = self.iteration, self.iteration + 1
         if self.name in HARD:
-            steps = cfg.data_steps(self.name)
+            if cfg.final(self.name, iteration):  # Eq. 5's full correction to end the run
+                for group in self.optimizer.param_groups:
+                    group["correction"] = 1.0
+            steps = cfg.data_steps(self.name, iteration)
             xs, ys = x.chunk(steps), y.chunk(steps)
             for xb, yb in zip(xs[:-1], ys[:-1], strict=True):  # the plain data steps first
                 self._hard_step(xb, yb, None)
@@ -516,7 +536,7 @@ def fine_tune(name: str, model: nn.Module, step: Step, data: dict[str, Tensor], 
               progress: bool = False, split: str = "test",
               observe: Callable[[float], None] | None = None) -> dict:
     """The iterations every fine-tuning method shares: each draws a labelled batch
-    (``cfg.data_steps(name)`` of them for the persistent method), mines the
+    (``cfg.data_steps(name, it)`` of them at iteration ``it`` for the persistent method), mines the
     constraint samples (Eq. 9, or the persistent pool for ``hard-persistent``), calls ``step``
     and logs the held-out violation, which ``observe`` (if given) also receives, once before
     the first step and after each; the test curve every ``cfg.eval_every`` iterations. Returns
@@ -537,7 +557,7 @@ def fine_tune(name: str, model: nn.Module, step: Step, data: dict[str, Tensor], 
     with ProgressBar(progress, cfg.iterations, name) as bar:
         for it in range(cfg.iterations):
             start_time = time.perf_counter()
-            batch = torch.randint(n, (cfg.batch_size * cfg.data_steps(name),),
+            batch = torch.randint(n, (cfg.batch_size * cfg.data_steps(name, it),),
                                   generator=generator)
             with torch.no_grad():
                 idx = chooser.select(
