@@ -146,7 +146,9 @@ class PoseConfig:
         persistent_final: the persistent method's last this many iterations take the
             projected step alone (one labelled batch, no plain data step before it) at the
             full correction ``α = 1`` of Eq. 5, whatever the switch says: the run ends on
-            corrections rather than on data steps that lift the violation back up. 0 none.
+            corrections rather than on data steps that lift the violation back up. 0, none:
+            on validation 1-3 lowered the violation on three tuning seeds of four but cost
+            3-9 mm of error on all four (docs/hard_experiments.md, stop 35).
         adam_bias_correction: ``"eq12"`` (as printed) or ``"adam"`` for the Adam-based hard
             steps (:class:`ccnn.hard.HardAdam`).
         persistent_base: the step of the persistent-pool method: ``"sgd"`` (Eq. 5),
