@@ -188,21 +188,12 @@ def test_the_persistent_correction_follows_the_heldout_violation(target: float |
         assert used == pytest.approx([0.225, 0.45, 0.675, 0.9, 0.9, 0.9])
 
 
-@pytest.mark.parametrize(("base", "steps"), [("adam-euclidean", 1), ("adam-euclidean", 2),
-                                             ("adam-euclidean", 3), ("gn", 2)])
-def test_the_persistent_data_steps_precede_the_projected_step(base: str, steps: int) -> None:
-    """With persistent_data_steps k an iteration of the persistent method draws k labelled
-    batches at once, takes its base's plain step (Adam's; Eq. 6 without constraint rows) on
-    each of the first k − 1 and the projected step (on the pool, α = persistent_correction) on
-    the last: rebuilt here from the generator, the pool and the optimizer directly, the run
-    ends at the same weights (its validation error and violation)."""
-    cfg = PoseConfig(**{**TINY, "iterations": 1, "persistent_data_steps": steps,
-                        "persistent_base": base})
-    data = load_data(cfg)
-    torch.manual_seed(5)
-    start = PoseNet(hidden=cfg.hidden, image_size=cfg.image_size)
-    record = run_method("hard-persistent", start, data, cfg, split="val")
-
+def _replay(cfg: PoseConfig, data: dict, start: PoseNet, schedule: list[tuple[int, float]],
+            base: str = "adam-euclidean") -> dict:
+    """The persistent method rebuilt from the generator, the pool and the optimizer directly:
+    iteration i of ``schedule`` = (k, α) draws k labelled batches at once, takes the base's
+    plain step (Adam's; Eq. 6 without constraint rows) on the first k − 1 and the projected
+    step on the pool at correction α on the last. Returns the validation metrics it ends at."""
     model = copy.deepcopy(start)
     freeze(model, cfg.persistent_frozen)
     if base == "gn":
@@ -215,48 +206,8 @@ def test_the_persistent_data_steps_precede_the_projected_step(base: str, steps: 
                              correction=cfg.persistent_correction)
     generator = torch.Generator().manual_seed(cfg.seed + 1)
     chooser = _chooser("hard-persistent", cfg, generator)
-    batch = torch.randint(len(data["train_x"]), (steps * cfg.batch_size,), generator=generator)
-    pool = data["pool_x"]
-    with torch.no_grad():
-        idx = chooser.select(lambda i: symmetry_residuals(model(pool[i]), relative=True))
-    b = cfg.batch_size
-    for k in range(steps):
-        x, y = data["train_x"][batch[k * b:(k + 1) * b]], data["train_y"][batch[k * b:(k + 1) * b]]
-        constraints = None if k < steps - 1 else (
-            lambda net: symmetry_residuals(net(pool[idx]), relative=True))
-        if base == "gn":  # Eq. 14's mean squared error as ½‖r‖² on the first gn_batch samples
-            xg, yg = x[:cfg.gn_batch], y[:cfg.gn_batch]
-            optimizer.step(lambda net, xg=xg, yg=yg: (net(xg) - yg).reshape(-1)
-                           * (2.0 / yg.numel()) ** 0.5, constraints)
-        else:
-            optimizer.step(lambda net, x=x, y=y: pose_loss(net(x), y), constraints)
-    expected = evaluate(model, data["val_x"], data["val_y"])
-    assert record["mean_joint_error"] == pytest.approx(expected["mean_joint_error"], rel=1e-6)
-    assert record["median_violation"] == pytest.approx(expected["median_violation"], rel=1e-6)
-
-
-def test_the_persistent_final_iterations_take_one_full_correction() -> None:
-    """With persistent_final m the persistent method's last m iterations draw one labelled
-    batch and take the projected step alone at α = 1 (the earlier ones as before: a plain data
-    step, then the projected step at persistent_correction): rebuilt here from the generator,
-    the pool and the optimizer directly, the run ends at the same weights."""
-    cfg = PoseConfig(**{**TINY, "iterations": 3, "persistent_final": 2,
-                        "persistent_data_steps": 2, "persistent_target": None})
-    data = load_data(cfg)
-    torch.manual_seed(6)
-    start = PoseNet(hidden=cfg.hidden, image_size=cfg.image_size)
-    record = run_method("hard-persistent", start, data, cfg, split="val")
-    assert [h["correction"] for h in record["history"]] == [cfg.persistent_correction, 1.0, 1.0]
-
-    model = copy.deepcopy(start)
-    freeze(model, cfg.persistent_frozen)
-    optimizer = HardAdam(model, lr=2e-4, rtol=cfg.rtol, maxit=cfg.persistent_maxit,
-                         bias_correction="adam", metric="euclidean",
-                         correction=cfg.persistent_correction)
-    generator = torch.Generator().manual_seed(cfg.seed + 1)
-    chooser = _chooser("hard-persistent", cfg, generator)
     pool, b = data["pool_x"], cfg.batch_size
-    for steps, alpha in ((2, cfg.persistent_correction), (1, 1.0), (1, 1.0)):
+    for steps, alpha in schedule:
         batch = torch.randint(len(data["train_x"]), (steps * b,), generator=generator)
         with torch.no_grad():
             idx = chooser.select(lambda i: symmetry_residuals(model(pool[i]), relative=True))
@@ -266,8 +217,47 @@ def test_the_persistent_final_iterations_take_one_full_correction() -> None:
             x, y = data["train_x"][part], data["train_y"][part]
             constraints = None if k < steps - 1 else (
                 lambda net, idx=idx: symmetry_residuals(net(pool[idx]), relative=True))
-            optimizer.step(lambda net, x=x, y=y: pose_loss(net(x), y), constraints)
-    expected = evaluate(model, data["val_x"], data["val_y"])
+            if base == "gn":  # Eq. 14's mean squared error as ½‖r‖² on the first gn_batch samples
+                xg, yg = x[:cfg.gn_batch], y[:cfg.gn_batch]
+                optimizer.step(lambda net, xg=xg, yg=yg: (net(xg) - yg).reshape(-1)
+                               * (2.0 / yg.numel()) ** 0.5, constraints)
+            else:
+                optimizer.step(lambda net, x=x, y=y: pose_loss(net(x), y), constraints)
+    return evaluate(model, data["val_x"], data["val_y"])
+
+
+@pytest.mark.parametrize(("base", "steps"), [("adam-euclidean", 1), ("adam-euclidean", 2),
+                                             ("adam-euclidean", 3), ("gn", 2)])
+def test_the_persistent_data_steps_precede_the_projected_step(base: str, steps: int) -> None:
+    """With persistent_data_steps k an iteration of the persistent method draws k labelled
+    batches at once, takes its base's plain step (Adam's; Eq. 6 without constraint rows) on
+    each of the first k − 1 and the projected step (on the pool, α = persistent_correction) on
+    the last: rebuilt by :func:`_replay`, the run ends at the same weights (its validation
+    error and violation)."""
+    cfg = PoseConfig(**{**TINY, "iterations": 1, "persistent_data_steps": steps,
+                        "persistent_base": base})
+    data = load_data(cfg)
+    torch.manual_seed(5)
+    start = PoseNet(hidden=cfg.hidden, image_size=cfg.image_size)
+    record = run_method("hard-persistent", start, data, cfg, split="val")
+    expected = _replay(cfg, data, start, [(steps, cfg.persistent_correction)], base)
+    assert record["mean_joint_error"] == pytest.approx(expected["mean_joint_error"], rel=1e-6)
+    assert record["median_violation"] == pytest.approx(expected["median_violation"], rel=1e-6)
+
+
+def test_the_persistent_final_iterations_take_one_full_correction() -> None:
+    """With persistent_final m the persistent method's last m iterations draw one labelled
+    batch and take the projected step alone at α = 1 (the earlier ones as before: a plain data
+    step, then the projected step at persistent_correction): rebuilt by :func:`_replay`, the
+    run ends at the same weights."""
+    cfg = PoseConfig(**{**TINY, "iterations": 3, "persistent_final": 2,
+                        "persistent_data_steps": 2, "persistent_target": None})
+    data = load_data(cfg)
+    torch.manual_seed(6)
+    start = PoseNet(hidden=cfg.hidden, image_size=cfg.image_size)
+    record = run_method("hard-persistent", start, data, cfg, split="val")
+    assert [h["correction"] for h in record["history"]] == [cfg.persistent_correction, 1.0, 1.0]
+    expected = _replay(cfg, data, start, [(2, cfg.persistent_correction), (1, 1.0), (1, 1.0)])
     assert record["mean_joint_error"] == pytest.approx(expected["mean_joint_error"], rel=1e-6)
     assert record["median_violation"] == pytest.approx(expected["median_violation"], rel=1e-6)
 
