@@ -319,6 +319,13 @@ def _add_pose(sub: argparse._SubParsersAction) -> None:
                    help="last iterations of the persistent method that take the projected step "
                         "alone at the full correction (1), without a plain data step before it "
                         f"(default {d.persistent_final})")
+    p.add_argument("--persistent-anneal", type=int, default=d.persistent_anneal,
+                   help="last iterations over which the persistent method's learning rate "
+                        "falls linearly to --persistent-anneal-to times its own; 0 a constant "
+                        f"rate (default {d.persistent_anneal})")
+    p.add_argument("--persistent-anneal-to", type=float, default=d.persistent_anneal_to,
+                   help="the share of its learning rate the persistent method ends at, in "
+                        f"(0, 1] (default {d.persistent_anneal_to:g})")
     p.add_argument("--persistent-budget", type=int, default=d.persistent_budget,
                    help=f"most samples in the persistent method's pool (default "
                         f"{d.persistent_budget})")

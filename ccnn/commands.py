@@ -329,7 +329,7 @@ def main_pose(args: argparse.Namespace) -> int:
     fields = ("seed", "iterations", "pretrain_epochs", "n_train", "n_val", "n_test", "n_pool",
               "h36m", "h36m_units", "persistent_correction", "persistent_target",
               "persistent_low", "persistent_warmup", "persistent_data_steps", "persistent_final",
-              "persistent_budget", "persistent_mined",
+              "persistent_anneal", "persistent_anneal_to", "persistent_budget", "persistent_mined",
               "persistent_base", "persistent_maxit", "persistent_frozen", "adam_bias_correction")
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     cfg = PoseConfig(methods=methods, **{k: getattr(args, k) for k in fields})

@@ -189,11 +189,13 @@ def test_the_persistent_correction_follows_the_heldout_violation(target: float |
 
 
 def _replay(cfg: PoseConfig, data: dict, start: PoseNet, schedule: list[tuple[int, float]],
-            base: str = "adam-euclidean") -> dict:
+            base: str = "adam-euclidean", rates: list[float] | None = None) -> dict:
     """The persistent method rebuilt from the generator, the pool and the optimizer directly:
     iteration i of ``schedule`` = (k, α) draws k labelled batches at once, takes the base's
     plain step (Adam's; Eq. 6 without constraint rows) on the first k − 1 and the projected
-    step on the pool at correction α on the last. Returns the validation metrics it ends at."""
+    step on the pool at correction α on the last, at learning rate ``rates[i]`` (default
+    2·10⁻⁴ throughout; not for the Gauss-Newton base). Returns the validation metrics it ends
+    at."""
     model = copy.deepcopy(start)
     freeze(model, cfg.persistent_frozen)
     if base == "gn":
@@ -207,11 +209,13 @@ def _replay(cfg: PoseConfig, data: dict, start: PoseNet, schedule: list[tuple[in
     generator = torch.Generator().manual_seed(cfg.seed + 1)
     chooser = _chooser("hard-persistent", cfg, generator)
     pool, b = data["pool_x"], cfg.batch_size
-    for steps, alpha in schedule:
+    for it, (steps, alpha) in enumerate(schedule):
         batch = torch.randint(len(data["train_x"]), (steps * b,), generator=generator)
         with torch.no_grad():
             idx = chooser.select(lambda i: symmetry_residuals(model(pool[i]), relative=True))
         optimizer.param_groups[0]["correction"] = alpha
+        if rates is not None:
+            optimizer.param_groups[0]["lr"] = rates[it]
         for k in range(steps):
             part = batch[k * b:(k + 1) * b]
             x, y = data["train_x"][part], data["train_y"][part]
@@ -260,6 +264,32 @@ def test_the_persistent_final_iterations_take_one_full_correction() -> None:
     expected = _replay(cfg, data, start, [(2, cfg.persistent_correction), (1, 1.0), (1, 1.0)])
     assert record["mean_joint_error"] == pytest.approx(expected["mean_joint_error"], rel=1e-6)
     assert record["median_violation"] == pytest.approx(expected["median_violation"], rel=1e-6)
+
+
+def test_the_persistent_learning_rate_anneals_over_the_last_iterations() -> None:
+    """With persistent_anneal A and persistent_anneal_to F the persistent method's learning
+    rate stays at its own for the first N − A iterations and falls linearly to F times it at
+    the last (hand-computed rates); rebuilt by :func:`_replay` at those rates, the run ends at
+    the same weights; the other methods keep their rate."""
+    cfg = PoseConfig(**{**TINY, "iterations": 4, "persistent_anneal": 2,
+                        "persistent_anneal_to": 0.2, "persistent_data_steps": 2,
+                        "persistent_target": None})
+    assert [cfg.lr_factor("hard-persistent", i) for i in range(4)] == pytest.approx(
+        [1.0, 1.0, 0.6, 0.2])
+    assert [cfg.lr_factor("hard-sgd", i) for i in range(4)] == [1.0] * 4
+    data = load_data(cfg)
+    torch.manual_seed(7)
+    start = PoseNet(hidden=cfg.hidden, image_size=cfg.image_size)
+    record = run_method("hard-persistent", start, data, cfg, split="val")
+    rates = [2e-4, 2e-4, 1.2e-4, 4e-5]
+    assert [h["lr"] for h in record["history"]] == pytest.approx(rates)
+    expected = _replay(cfg, data, start, [(2, cfg.persistent_correction)] * 4, rates=rates)
+    assert record["mean_joint_error"] == pytest.approx(expected["mean_joint_error"], rel=1e-6)
+    assert record["median_violation"] == pytest.approx(expected["median_violation"], rel=1e-6)
+    constant = _replay(cfg, data, start, [(2, cfg.persistent_correction)] * 4)
+    assert record["median_violation"] != pytest.approx(constant["median_violation"], rel=1e-6)
+    sgd = run_method("hard-sgd", start, data, cfg, split="val")
+    assert [h["lr"] for h in sgd["history"]] == [cfg.lr["hard-sgd"]] * 4
 
 
 def test_the_persistent_pool_has_its_own_sizes() -> None:
@@ -352,6 +382,12 @@ def test_a_projected_targets_step_is_the_damped_least_squares_step_toward_symmet
     ({"persistent_warmup": 2.0}, "persistent_warmup must be a non-negative integer, got 2.0"),
     ({"persistent_final": -1}, "persistent_final must be a non-negative integer, got -1"),
     ({"persistent_final": 4}, r"persistent_final \(4\) cannot exceed iterations \(3\)"),
+    ({"persistent_anneal": -1}, "persistent_anneal must be a non-negative integer, got -1"),
+    ({"persistent_anneal": 4}, r"persistent_anneal \(4\) cannot exceed iterations \(3\)"),
+    ({"persistent_anneal_to": 0.0}, r"persistent_anneal_to must be in \(0, 1\]"),
+    ({"persistent_anneal_to": 1.5}, r"persistent_anneal_to must be in \(0, 1\]"),
+    ({"persistent_base": "gn", "persistent_anneal": 2},
+     "persistent_anneal has no effect with persistent_base 'gn'"),
     ({"persistent_data_steps": 0}, "persistent_data_steps must be a positive integer, got 0"),
     ({"persistent_data_steps": True}, "persistent_data_steps must be a positive integer"),
     ({"persistent_base": "lbfgs"}, "persistent_base must be one of sgd, adam, adam-euclidean, gn"),
@@ -461,6 +497,10 @@ def test_cli_sets_the_persistent_learning_rate(tmp_path) -> None:
     assert main([*args, "--out", str(tmp_path / "run"), "--json", str(out_json),
                  "--persistent-final", "1"]) == 0  # not the default
     assert json.loads(out_json.read_text())["config"]["persistent_final"] == 1
+    assert main([*args, "--out", str(tmp_path / "run"), "--json", str(out_json),
+                 "--persistent-anneal", "1", "--persistent-anneal-to", "0.5"]) == 0
+    config = json.loads(out_json.read_text())["config"]
+    assert (config["persistent_anneal"], config["persistent_anneal_to"]) == (1, 0.5)
 
 
 def test_cli_reads_the_frozen_modules() -> None:

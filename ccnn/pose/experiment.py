@@ -36,10 +36,12 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
 
 from ccnn.hard import (
     DualAscent,
@@ -149,6 +151,13 @@ class PoseConfig:
             corrections rather than on data steps that lift the violation back up. 0, none:
             on validation 1-3 lowered the violation on three tuning seeds of four but cost
             3-9 mm of error on all four (docs/hard_experiments.md, stop 35).
+        persistent_anneal, persistent_anneal_to: over the persistent method's last
+            ``persistent_anneal`` iterations its learning rate falls linearly to
+            ``persistent_anneal_to`` times its own (the last iteration's; a
+            :class:`torch.optim.lr_scheduler.LambdaLR` on its optimizer, so both data steps of
+            an iteration take the same rate). The correction ``α`` does not depend on the
+            rate, so the data steps that lift the violation between corrections shrink while
+            the corrections do not. 0: a constant rate.
         adam_bias_correction: ``"eq12"`` (as printed) or ``"adam"`` for the Adam-based hard
             steps (:class:`ccnn.hard.HardAdam`).
         persistent_base: the step of the persistent-pool method: ``"sgd"`` (Eq. 5),
@@ -218,6 +227,8 @@ class PoseConfig:
     persistent_warmup: int = 0
     persistent_data_steps: int = 2
     persistent_final: int = 0
+    persistent_anneal: int = 0
+    persistent_anneal_to: float = 0.25
     adam_bias_correction: str = "eq12"
     persistent_base: str = "adam-euclidean"
     persistent_maxit: int | None = 40
@@ -252,13 +263,14 @@ class PoseConfig:
         if self.gn_batch > self.batch_size:
             raise ValueError(f"gn_batch ({self.gn_batch}) cannot exceed batch_size "
                              f"({self.batch_size})")
-        for name in ("persistent_warmup", "persistent_final"):
+        for name in ("persistent_warmup", "persistent_final", "persistent_anneal"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-        if self.persistent_final > self.iterations:
-            raise ValueError(f"persistent_final ({self.persistent_final}) cannot exceed "
-                             f"iterations ({self.iterations})")
+        for name in ("persistent_final", "persistent_anneal"):
+            if getattr(self, name) > self.iterations:
+                raise ValueError(f"{name} ({getattr(self, name)}) cannot exceed iterations "
+                                 f"({self.iterations})")
         for name in ("persistent_budget", "persistent_mined", "persistent_maxit"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
@@ -281,7 +293,7 @@ class PoseConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a non-negative number, got {value}")
-        for name in ("persistent_correction", "persistent_low"):
+        for name in ("persistent_correction", "persistent_low", "persistent_anneal_to"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
         if self.persistent_target is not None:
@@ -296,9 +308,12 @@ class PoseConfig:
             if method not in METHODS:
                 raise ValueError(f"lr: unknown method {method!r}")
             _check_positive(f"lr[{method!r}]", value)
-        if "hard-persistent" in self.lr and self.persistent_base == "gn":
-            raise ValueError("lr['hard-persistent'] has no effect with persistent_base 'gn' "
-                             "(Eq. 6's step has no learning rate: set gn_damping)")
+        if self.persistent_base == "gn":
+            for what, used in (("lr['hard-persistent']", "hard-persistent" in self.lr),
+                               ("persistent_anneal", self.persistent_anneal > 0)):
+                if used:
+                    raise ValueError(f"{what} has no effect with persistent_base 'gn' "
+                                     "(Eq. 6's step has no learning rate: set gn_damping)")
         for method in self.methods:
             if method not in METHODS:
                 raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -314,6 +329,16 @@ class PoseConfig:
         """Whether iteration ``iteration`` (from 0) of method ``name`` is one of the persistent
         method's ``persistent_final`` last ones."""
         return name == "hard-persistent" and iteration >= self.iterations - self.persistent_final
+
+    def lr_factor(self, name: str, iteration: int) -> float:
+        """The share of its learning rate method ``name`` takes at iteration ``iteration``
+        (from 0): below 1 only in the persistent method's ``persistent_anneal`` last ones,
+        falling linearly to ``persistent_anneal_to`` at the last."""
+        first = self.iterations - self.persistent_anneal
+        if name != "hard-persistent" or iteration < first:
+            return 1.0
+        return 1.0 - (1.0 - self.persistent_anneal_to) * (iteration - first + 1) \
+            / self.persistent_anneal
 
     def data_steps(self, name: str, iteration: int) -> int:
         """Labelled batches method ``name`` takes at iteration ``iteration`` (one step on each)."""
@@ -428,6 +453,8 @@ class _Method:
         self.switch = TargetCorrection(
             self.optimizer, cfg.persistent_target, low=cfg.persistent_low, relative=True,
             warmup=cfg.persistent_warmup) if persistent else None
+        self.schedule = LambdaLR(self.optimizer, partial(cfg.lr_factor, name)) \
+            if persistent and cfg.persistent_anneal else None
 
     def observe(self, heldout_violation: float) -> None:
         """The held-out median |C| before the first step and after each: sets the persistent
@@ -446,15 +473,19 @@ class _Method:
             if cfg.final(self.name, iteration):  # Eq. 5's full correction to end the run
                 for group in self.optimizer.param_groups:
                     group["correction"] = 1.0
+            group = self.optimizer.param_groups[0]
+            rate = {"lr": group["lr"]} if "lr" in group else {}  # Gauss-Newton has none
             steps = cfg.data_steps(self.name, iteration)
             xs, ys = x.chunk(steps), y.chunk(steps)
             for xb, yb in zip(xs[:-1], ys[:-1], strict=True):  # the plain data steps first
                 self._hard_step(xb, yb, None)
             result = self._hard_step(xs[-1], ys[-1], lambda net: symmetry_residuals(
                 net(xc), relative=cfg.relative))
+            if self.schedule is not None:
+                self.schedule.step()  # the next iteration's rate
             return {**_solver_stats(result, result.constraint_values),
                     "multiplier_norm": float(result.multipliers.norm()),
-                    "correction": self.optimizer.param_groups[0]["correction"]}
+                    "correction": group["correction"], **rate}
         R = pose_loss(self.model(x), y)
         C = symmetry_residuals(self.model(xc), relative=cfg.relative)
         stats = {"loss": R.item(), "active_violation": float(C.detach().abs().median())}
