@@ -268,7 +268,13 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_pose(sub: argparse._SubParsersAction) -> None:
-    from ccnn.pose.experiment import METHODS, PERSISTENT_BASES, PERSISTENT_LR, PoseConfig
+    from ccnn.pose.experiment import (
+        METHODS,
+        PERSISTENT_ANNEAL,
+        PERSISTENT_BASES,
+        PERSISTENT_LR,
+        PoseConfig,
+    )
 
     d = PoseConfig()
     p = sub.add_parser(
@@ -322,7 +328,7 @@ def _add_pose(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--persistent-anneal", type=int, default=d.persistent_anneal,
                    help="last iterations over which the persistent method's learning rate "
                         "falls linearly to --persistent-anneal-to times its own; 0 a constant "
-                        f"rate (default {d.persistent_anneal})")
+                        f"rate (default {PERSISTENT_ANNEAL}; 0 with --persistent-base gn)")
     p.add_argument("--persistent-anneal-to", type=float, default=d.persistent_anneal_to,
                    help="the share of its learning rate the persistent method ends at, in "
                         f"(0, 1] (default {d.persistent_anneal_to:g})")

@@ -15,6 +15,7 @@ from ccnn.cli import build_parser, main
 from ccnn.hard import HardAdam, HardGaussNewton
 from ccnn.pose.experiment import (
     METHODS,
+    PERSISTENT_ANNEAL,
     THRESHOLDS,
     PoseConfig,
     _chooser,
@@ -146,7 +147,8 @@ def test_the_persistent_learning_rate_follows_its_base(base: str) -> None:
     model = PoseNet(hidden=8, image_size=32)
     defaults = {"sgd": 1e-3, "adam": 1e-4, "adam-euclidean": 2e-4}
     for lr, expected in (({}, defaults[base]), ({"hard-persistent": 0.5}, 0.5)):
-        cfg = PoseConfig(**{**TINY, "persistent_base": base, "lr": {**PoseConfig().lr, **lr}})
+        cfg = PoseConfig(**{**TINY, "persistent_base": base, "lr": {**PoseConfig().lr, **lr},
+                            "persistent_anneal": 0})  # the rate of the first iteration
         group = _Method("hard-persistent", model, cfg).optimizer.param_groups[0]
         assert group["lr"] == expected
     assert group["maxit"] == 40  # persistent_maxit, whatever the base
@@ -239,7 +241,7 @@ def test_the_persistent_data_steps_precede_the_projected_step(base: str, steps: 
     the last: rebuilt by :func:`_replay`, the run ends at the same weights (its validation
     error and violation)."""
     cfg = PoseConfig(**{**TINY, "iterations": 1, "persistent_data_steps": steps,
-                        "persistent_base": base})
+                        "persistent_base": base, "persistent_anneal": 0})
     data = load_data(cfg)
     torch.manual_seed(5)
     start = PoseNet(hidden=cfg.hidden, image_size=cfg.image_size)
@@ -254,7 +256,7 @@ def test_the_persistent_final_iterations_take_one_full_correction() -> None:
     batch and take the projected step alone at α = 1 (the earlier ones as before: a plain data
     step, then the projected step at persistent_correction): rebuilt by :func:`_replay`, the
     run ends at the same weights."""
-    cfg = PoseConfig(**{**TINY, "iterations": 3, "persistent_final": 2,
+    cfg = PoseConfig(**{**TINY, "iterations": 3, "persistent_final": 2, "persistent_anneal": 0,
                         "persistent_data_steps": 2, "persistent_target": None})
     data = load_data(cfg)
     torch.manual_seed(6)
@@ -290,6 +292,22 @@ def test_the_persistent_learning_rate_anneals_over_the_last_iterations() -> None
     assert record["median_violation"] != pytest.approx(constant["median_violation"], rel=1e-6)
     sgd = run_method("hard-sgd", start, data, cfg, split="val")
     assert [h["lr"] for h in sgd["history"]] == [cfg.lr["hard-sgd"]] * 4
+
+
+def test_the_default_anneal_covers_at_most_the_run_and_not_gauss_newton() -> None:
+    """persistent_anneal None is 10 iterations (the default since stop 36) for the bases with a
+    learning rate, all of them in a shorter run, and 0 for the Gauss-Newton base (whose step has
+    no rate); 0 keeps the rate constant."""
+    assert PoseConfig().anneal_span() == PERSISTENT_ANNEAL == 10
+    assert [PoseConfig().lr_factor("hard-persistent", i) for i in (19, 20, 29)] == pytest.approx(
+        [1.0, 0.95, 0.5])
+    short = PoseConfig(**TINY)  # 3 iterations
+    assert short.anneal_span() == 3
+    assert [short.lr_factor("hard-persistent", i) for i in range(3)] == pytest.approx(
+        [1 - 0.5 / 3, 1 - 1 / 3, 0.5])
+    assert PoseConfig(**{**TINY, "persistent_base": "gn"}).anneal_span() == 0
+    assert [PoseConfig(**{**TINY, "persistent_anneal": 0}).lr_factor("hard-persistent", i)
+            for i in range(3)] == [1.0] * 3
 
 
 def test_the_persistent_pool_has_its_own_sizes() -> None:
@@ -383,7 +401,7 @@ def test_a_projected_targets_step_is_the_damped_least_squares_step_toward_symmet
     ({"persistent_final": -1}, "persistent_final must be a non-negative integer, got -1"),
     ({"persistent_final": 4}, r"persistent_final \(4\) cannot exceed iterations \(3\)"),
     ({"persistent_anneal": -1}, "persistent_anneal must be a non-negative integer, got -1"),
-    ({"persistent_anneal": 4}, r"persistent_anneal \(4\) cannot exceed iterations \(3\)"),
+    ({"persistent_anneal": 2.0}, "persistent_anneal must be a non-negative integer, got 2.0"),
     ({"persistent_anneal_to": 0.0}, r"persistent_anneal_to must be in \(0, 1\]"),
     ({"persistent_anneal_to": 1.5}, r"persistent_anneal_to must be in \(0, 1\]"),
     ({"persistent_base": "gn", "persistent_anneal": 2},

@@ -69,9 +69,9 @@ from ccnn.pose.skeleton import (
 )
 from ccnn.progress import ProgressBar
 
-__all__ = ["METHODS", "PERSISTENT_BASES", "PERSISTENT_LR", "PoseConfig", "Step", "evaluate",
-           "fine_tune", "plot_fig2", "run_method", "run_pose", "train_unconstrained",
-           "unconstrained_model", "weights_finite"]
+__all__ = ["METHODS", "PERSISTENT_ANNEAL", "PERSISTENT_BASES", "PERSISTENT_LR", "PoseConfig",
+           "Step", "evaluate", "fine_tune", "plot_fig2", "run_method", "run_pose",
+           "train_unconstrained", "unconstrained_model", "weights_finite"]
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,10 @@ PERSISTENT_BASES = ("sgd", "adam", "adam-euclidean", "gn")
 # hard-persistent's learning rate per base, unless PoseConfig.lr names one (Gauss-Newton's step
 # has none: its damping is gn_damping); the default base's 2e-4 chosen on validation (stop 33).
 PERSISTENT_LR = {"sgd": 1e-3, "adam": 1e-4, "adam-euclidean": 2e-4}
+
+#: the persistent method's last iterations over which its learning rate anneals
+#: (``PoseConfig.persistent_anneal``; chosen on validation at stop 36)
+PERSISTENT_ANNEAL = 10
 
 #: thresholds on |C_jk| (m²) of the Fig. 2b curve
 THRESHOLDS = tuple(float(t) for t in torch.logspace(-5, -1, 25))
@@ -152,12 +156,14 @@ class PoseConfig:
             on validation 1-3 lowered the violation on three tuning seeds of four but cost
             3-9 mm of error on all four (docs/hard_experiments.md, stop 35).
         persistent_anneal, persistent_anneal_to: over the persistent method's last
-            ``persistent_anneal`` iterations its learning rate falls linearly to
-            ``persistent_anneal_to`` times its own (the last iteration's; a
-            :class:`torch.optim.lr_scheduler.LambdaLR` on its optimizer, so both data steps of
-            an iteration take the same rate). The correction ``α`` does not depend on the
-            rate, so the data steps that lift the violation between corrections shrink while
-            the corrections do not. 0: a constant rate.
+            ``persistent_anneal`` iterations (all of them when there are fewer) its learning
+            rate falls linearly to ``persistent_anneal_to`` times its own (the last
+            iteration's; a :class:`torch.optim.lr_scheduler.LambdaLR` on its optimizer, so both
+            data steps of an iteration take the same rate). The correction ``α`` does not
+            depend on the rate, so the data steps that lift the violation between corrections
+            shrink while the corrections do not. None: 10 (:data:`PERSISTENT_ANNEAL`) for the
+            bases with a learning rate, 0 for ``"gn"``; 0: a constant rate. 10 and 0.5 were
+            chosen on validation with six tuning seeds (docs/hard_experiments.md, stop 36).
         adam_bias_correction: ``"eq12"`` (as printed) or ``"adam"`` for the Adam-based hard
             steps (:class:`ccnn.hard.HardAdam`).
         persistent_base: the step of the persistent-pool method: ``"sgd"`` (Eq. 5),
@@ -227,8 +233,8 @@ class PoseConfig:
     persistent_warmup: int = 0
     persistent_data_steps: int = 2
     persistent_final: int = 0
-    persistent_anneal: int = 0
-    persistent_anneal_to: float = 0.25
+    persistent_anneal: int | None = None
+    persistent_anneal_to: float = 0.5
     adam_bias_correction: str = "eq12"
     persistent_base: str = "adam-euclidean"
     persistent_maxit: int | None = 40
@@ -265,12 +271,13 @@ class PoseConfig:
                              f"({self.batch_size})")
         for name in ("persistent_warmup", "persistent_final", "persistent_anneal"):
             value = getattr(self, name)
+            if name == "persistent_anneal" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-        for name in ("persistent_final", "persistent_anneal"):
-            if getattr(self, name) > self.iterations:
-                raise ValueError(f"{name} ({getattr(self, name)}) cannot exceed iterations "
-                                 f"({self.iterations})")
+        if self.persistent_final > self.iterations:
+            raise ValueError(f"persistent_final ({self.persistent_final}) cannot exceed "
+                             f"iterations ({self.iterations})")
         for name in ("persistent_budget", "persistent_mined", "persistent_maxit"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
@@ -310,7 +317,7 @@ class PoseConfig:
             _check_positive(f"lr[{method!r}]", value)
         if self.persistent_base == "gn":
             for what, used in (("lr['hard-persistent']", "hard-persistent" in self.lr),
-                               ("persistent_anneal", self.persistent_anneal > 0)):
+                               ("persistent_anneal", bool(self.persistent_anneal))):
                 if used:
                     raise ValueError(f"{what} has no effect with persistent_base 'gn' "
                                      "(Eq. 6's step has no learning rate: set gn_damping)")
@@ -334,11 +341,20 @@ class PoseConfig:
         """The share of its learning rate method ``name`` takes at iteration ``iteration``
         (from 0): below 1 only in the persistent method's ``persistent_anneal`` last ones,
         falling linearly to ``persistent_anneal_to`` at the last."""
-        first = self.iterations - self.persistent_anneal
+        span = self.anneal_span()
+        first = self.iterations - span
         if name != "hard-persistent" or iteration < first:
             return 1.0
-        return 1.0 - (1.0 - self.persistent_anneal_to) * (iteration - first + 1) \
-            / self.persistent_anneal
+        return 1.0 - (1.0 - self.persistent_anneal_to) * (iteration - first + 1) / span
+
+    def anneal_span(self) -> int:
+        """The persistent method's iterations whose learning rate falls (``persistent_anneal``
+        resolved: None gives :data:`PERSISTENT_ANNEAL` but 0 for the ``"gn"`` base; at most
+        ``iterations``)."""
+        span = self.persistent_anneal
+        if span is None:
+            span = 0 if self.persistent_base == "gn" else PERSISTENT_ANNEAL
+        return min(span, self.iterations)
 
     def data_steps(self, name: str, iteration: int) -> int:
         """Labelled batches method ``name`` takes at iteration ``iteration`` (one step on each)."""
@@ -454,7 +470,7 @@ class _Method:
             self.optimizer, cfg.persistent_target, low=cfg.persistent_low, relative=True,
             warmup=cfg.persistent_warmup) if persistent else None
         self.schedule = LambdaLR(self.optimizer, partial(cfg.lr_factor, name)) \
-            if persistent and cfg.persistent_anneal else None
+            if persistent and cfg.anneal_span() else None
 
     def observe(self, heldout_violation: float) -> None:
         """The held-out median |C| before the first step and after each: sets the persistent
