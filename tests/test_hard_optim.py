@@ -406,3 +406,32 @@ def test_target_correction_state_dict_and_errors() -> None:
         switch.step(float("nan"))
     with pytest.raises(ValueError, match=re.escape("Invalid violation (must be finite and >= 0)")):
         switch.step(-1.0)
+
+
+def test_an_lr_scheduler_drives_the_data_part_of_the_step_not_the_correction() -> None:
+    """A ``torch.optim.lr_scheduler`` sets a hard optimizer's ``lr``: after StepLR halves it the
+    unconstrained step is −(lr/2)·∇R (autograd's gradient), and with constraints the step
+    still meets the linearized constraints (J·dw = −C, J from ``jacrev``), the correction not
+    depending on the rate."""
+    model = mlp(3)
+    x, y, xc = data(3)
+    loss, _, constraints = problem_fns(x, y, xc)
+    opt = HardSGD(model, lr=0.1, rtol=1e-12)
+    schedule = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    opt.step(loss)
+    schedule.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    before = snapshot(model)
+    grads = torch.autograd.grad(loss(model), list(model.parameters()))
+    opt.step(loss)
+    for (name, p), g in zip(model.named_parameters(), grads, strict=True):
+        torch.testing.assert_close(p - before[name], -0.05 * g, rtol=1e-10, atol=1e-12)
+    schedule.step()
+    params = snapshot(model)
+    C0 = constraints(lambda inp: torch.func.functional_call(model, params, (inp,)))
+    J = torch.func.jacrev(lambda w: constraints(
+        lambda inp: torch.func.functional_call(model, w, (inp,))))(params)
+    opt.step(loss, constraints)
+    J_dw = sum((J[k].reshape(C0.numel(), -1) @ (p.detach() - params[k]).reshape(-1))
+               for k, p in model.named_parameters())
+    torch.testing.assert_close(J_dw, -C0.detach().reshape(-1), rtol=1e-8, atol=1e-10)
