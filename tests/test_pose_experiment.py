@@ -519,6 +519,8 @@ def test_cli_sets_the_persistent_learning_rate(tmp_path) -> None:
                  "--persistent-anneal", "1", "--persistent-anneal-to", "0.5"]) == 0
     config = json.loads(out_json.read_text())["config"]
     assert (config["persistent_anneal"], config["persistent_anneal_to"]) == (1, 0.5)
+    config = json.loads((tmp_path / "pose0.json").read_text())["config"]  # the default run's
+    assert config["persistent_anneal"] == 1  # resolved: 10 iterations, at most the run's one
 
 
 def test_cli_reads_the_frozen_modules() -> None:

@@ -725,7 +725,9 @@ def run_pose(cfg: PoseConfig, out: Path | None = None, progress: bool = False,
 
 
 def _config_json(cfg: PoseConfig) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
+    """``cfg`` as JSON, with the anneal span that ran (``persistent_anneal`` resolved)."""
+    record = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
+    return {**record, "persistent_anneal": cfg.anneal_span()}
 
 
 def with_overrides(cfg: PoseConfig, **changes: object) -> PoseConfig:
