@@ -95,9 +95,9 @@ THRESHOLDS = tuple(float(t) for t in torch.logspace(-5, -1, 25))
 @dataclass(frozen=True)
 class PoseConfig:
     """Settings of ``ccnn pose``. The constants were chosen on the validation split of seeds
-    100 and 101 (since stop 33 also 30 and 32), never used to report (docs/hard_experiments.md
-    lists the runs they were chosen from). The default run took 8 min 29 s on two CPU cores
-    (seed 0, the machine otherwise idle; stop 34).
+    100 and 101 (since stop 33 also 30 and 32, since stop 36 also 57 and 61), never used to
+    report (docs/hard_experiments.md lists the runs they were chosen from). The default run
+    took 7 min 56 s on two CPU cores (seed 0, the machine otherwise idle; stop 36).
 
     Attributes:
         seed: world of the synthetic data, initial weights and every random draw.
